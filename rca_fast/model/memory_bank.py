@@ -1,0 +1,135 @@
+"""The memory bank of region embeddings: L classes x S slots x D, EMA-updated at ring pointers."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import ops
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_rows(emb: torch.Tensor, target: torch.Tensor):
+    """All ranks' rows concatenated in rank order (identity without torch.distributed).
+
+    Ranks may hold different row counts: counts are exchanged first and rows padded to the
+    largest, since ``all_gather`` needs equal shapes.
+    """
+    world = _world()
+    if world == 1:
+        return emb, target
+    n = torch.tensor([emb.shape[0]], device=emb.device, dtype=torch.long)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    most = max(counts)
+    pad_emb = emb.new_zeros(most, emb.shape[1])
+    pad_emb[: emb.shape[0]] = emb
+    pad_tgt = target.new_zeros(most)
+    pad_tgt[: target.shape[0]] = target
+    embs = [torch.empty_like(pad_emb) for _ in range(world)]
+    tgts = [torch.empty_like(pad_tgt) for _ in range(world)]
+    dist.all_gather(embs, pad_emb)
+    dist.all_gather(tgts, pad_tgt)
+    return (torch.cat([e[:c] for e, c in zip(embs, counts)]),
+            torch.cat([t[:c] for t, c in zip(tgts, counts)]))
+
+
+class MemoryBank(nn.Module):
+    """Region-embedding memory of RCA (DESIGN §3).
+
+    Buffers (saved in ``state_dict``): ``bank`` (L, S, D), ``ptr`` (L,) int64 ring pointers,
+    ``prototypes`` (L, K, D) k-means centroids of each class's slots.
+
+    Args:
+        num_classes: L.  slots: S per class (public code: 500).  dim: D (512).
+        gamma: EMA momentum (0.99).  prototypes: K per class (10).
+        score_threshold: rows are written only when their class score is above it (0.7).
+        init: "randn" (the public code's bank) or "zeros".
+        dtype: bank dtype (float32, or bfloat16 to halve its memory).
+    """
+
+    def __init__(self, num_classes: int, slots: int = 500, dim: int = 512, *, gamma: float = 0.99,
+                 prototypes: int = 10, score_threshold: float = 0.7, init: str = "randn",
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("slots", slots), ("dim", dim),
+                            ("prototypes", prototypes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MemoryBank: {name} must be an int >= 1, got {value!r}")
+        if prototypes > slots:
+            raise ValueError(f"MemoryBank: prototypes (K = {prototypes}) must be <= slots (S = {slots})")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"MemoryBank: gamma must be in [0, 1], got {gamma}")
+        if init not in ("randn", "zeros"):
+            raise ValueError(f"MemoryBank: init must be 'randn' or 'zeros', got {init!r}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"MemoryBank: dtype must be a float dtype, got {dtype}")
+        self.gamma = float(gamma)
+        self.score_threshold = float(score_threshold)
+        self.num_prototypes = prototypes
+        make = torch.randn if init == "randn" else torch.zeros
+        self.register_buffer("bank", make(num_classes, slots, dim).to(dtype))
+        self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("prototypes", torch.zeros(num_classes, prototypes, dim, dtype=dtype))
+
+    @property
+    def num_classes(self) -> int:
+        return self.bank.shape[0]
+
+    @property
+    def slots(self) -> int:
+        return self.bank.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.bank.shape[2]
+
+    @torch.no_grad()
+    def update(self, emb: torch.Tensor, target: torch.Tensor, score: Optional[torch.Tensor] = None) -> int:
+        """EMA-write the rows whose ``score`` is above the threshold (all rows when None).
+
+        Args:
+            emb: (N, D) region embeddings (detached here).  target: (N,) classes.
+            score: optional (N,) class scores (e.g. sigmoid of the coarse logits).
+        Under torch.distributed every rank's kept rows are gathered in rank order first, so
+        every rank applies the same rows in the same order and the banks stay identical.
+        Returns the number of rows applied (over all ranks).
+        """
+        if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[-1] != self.dim:
+            got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+            raise ValueError(f"MemoryBank.update: emb must be (N, {self.dim}), got {got}")
+        emb, target = emb.detach(), target.to(device=emb.device, dtype=torch.long)
+        if score is not None:
+            if score.shape != target.shape:
+                raise ValueError(f"MemoryBank.update: score must have the shape of target "
+                                 f"{tuple(target.shape)}, got {tuple(score.shape)}")
+            keep = score.detach().to(emb.device) > self.score_threshold
+            emb, target = emb[keep], target[keep]
+        emb, target = gather_rows(emb.to(self.bank.device), target.to(self.bank.device))
+        if emb.shape[0]:
+            ops.ema_update_(self.bank, self.ptr, emb, target, gamma=self.gamma)
+        return int(emb.shape[0])
+
+    @torch.no_grad()
+    def refresh_prototypes(self, seed: int = 0, **kmeans_kwargs) -> torch.Tensor:
+        """k-means of each class's slots -> ``prototypes`` (L, K, D).
+
+        Under torch.distributed rank 0 computes them and broadcasts, so every rank holds the same.
+        """
+        if _world() == 1 or dist.get_rank() == 0:
+            centroids, _, _ = ops.kmeans(self.bank.float(), self.num_prototypes, seed=seed, **kmeans_kwargs)
+            self.prototypes.copy_(centroids.to(self.prototypes.dtype))
+        if _world() > 1:
+            dist.broadcast(self.prototypes, src=0)
+        return self.prototypes
+
+    def extra_repr(self) -> str:
+        L, S, D = self.bank.shape
+        return (f"classes={L}, slots={S}, dim={D}, prototypes={self.num_prototypes}, "
+                f"gamma={self.gamma}, score_threshold={self.score_threshold}, dtype={self.bank.dtype}")

@@ -1,0 +1,117 @@
+"""One dispatch point for every public op.
+
+Each op has a plain-torch implementation (``rca_fast.ref``) and may have fast providers: Triton
+kernels (``rca_fast.kernels``) and the compiled extension (``rca_fast._C`` through
+``rca_fast._ext``).  Providers are named here as ``"module:function"`` strings and imported
+lazily, so importing ``rca_fast`` never touches Triton or the extension.
+
+Selection order, unless ``RCA_FAST_BACKEND=torch|triton|cuda`` forces one:
+  * CUDA tensors: ``cuda`` (extension) if it provides the op, else ``triton``, else ``torch``;
+  * CPU tensors: ``cuda`` (the extension's CPU twin) if it provides the op, else ``torch``.
+Triton runs on CPU tensors only when forced (``RCA_FAST_BACKEND=triton`` with
+``TRITON_INTERPRET=1``), which is how CI tests the kernels.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "RCA_FAST_BACKEND"
+
+# op name -> backend -> "module:function".  The "torch" backend is always rca_fast.ref.
+PROVIDERS: Dict[str, Dict[str, str]] = {
+    "masked_average_pool": {
+        "torch": "rca_fast.ref.map:masked_average_pool",
+        "triton": "rca_fast.kernels.map:masked_average_pool",
+    },
+    "bank_nce_loss": {
+        "torch": "rca_fast.ref.nce:bank_nce_loss",
+        "triton": "rca_fast.kernels.nce:bank_nce_loss",
+    },
+    "prototype_attention": {
+        "torch": "rca_fast.ref.attention:prototype_attention",
+        "triton": "rca_fast.kernels.attention:prototype_attention",
+    },
+    "ema_update_": {
+        "torch": "rca_fast.ref.ema:ema_update_",
+        "cuda": "rca_fast._ext:ema_update_",
+    },
+    "kmeans": {
+        "torch": "rca_fast.ref.kmeans:kmeans",
+        "cuda": "rca_fast._ext:kmeans",
+    },
+}
+
+_loaded: Dict[str, Optional[Callable]] = {}
+_load_errors: Dict[str, str] = {}
+_warned: set = set()
+
+
+def _load(spec: str) -> Optional[Callable]:
+    """Import ``module:function``; None (with the reason remembered) when it cannot be had."""
+    if spec not in _loaded:
+        module_name, fn_name = spec.split(":")
+        try:
+            _loaded[spec] = getattr(importlib.import_module(module_name), fn_name)
+        except Exception as exc:  # ImportError, a missing toolkit, an ABI mismatch...
+            _loaded[spec] = None
+            _load_errors[spec] = f"{type(exc).__name__}: {exc}"
+    return _loaded[spec]
+
+
+def forced_backend() -> Optional[str]:
+    """The backend named by ``RCA_FAST_BACKEND``, or None."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def available_backends(op: str, device: torch.device) -> list:
+    """Backends that can run ``op`` on ``device`` here (imports the providers)."""
+    out = []
+    for name, spec in PROVIDERS[op].items():
+        if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        if _load(spec) is not None:
+            out.append(name)
+    return out
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """Which backend ``op`` uses for tensors on ``device``."""
+    providers = PROVIDERS[op]
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in providers:
+            # The op has no such backend (e.g. kmeans has no Triton kernel): use the reference.
+            return "torch"
+        if _load(providers[forced]) is None:
+            raise RuntimeError(
+                f"{ENV_VAR}={forced} but the {forced} backend of {op} cannot be loaded: "
+                f"{_load_errors.get(providers[forced])}")
+        return forced
+    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cuda", "torch")
+    for name in order:
+        if name in providers and _load(providers[name]) is not None:
+            return name
+        module = providers.get(name, ":").split(":")[0]
+        if name == "cuda" and name in providers and module not in _warned:
+            _warned.add(module)  # one warning for the whole extension, not one per op
+            warnings.warn(
+                f"rca_fast: the compiled extension is not available ({_load_errors.get(providers[name])}); "
+                f"{op} and the other extension ops fall back to the plain-torch reference.",
+                RuntimeWarning, stacklevel=4)
+    return "torch"
+
+
+def implementation(op: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` for tensors on ``device``."""
+    return _load(PROVIDERS[op][backend_for(op, device)])

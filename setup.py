@@ -1,0 +1,42 @@
+"""Build rca_fast.
+
+The Python package needs nothing compiled.  The extension ``rca_fast._C`` (``csrc/``) is built
+when torch is importable at build time (``pip install --no-build-isolation -e .``): with its CUDA
+sources when a CUDA toolkit is found (``CUDA_HOME``, ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS`` are
+honoured), with its CPU sources otherwise; ``RCA_FAST_SKIP_EXT=1`` skips it.
+"""
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    """(ext_modules, cmdclass) for rca_fast._C; empty when skipped or impossible."""
+    if os.environ.get("RCA_FAST_SKIP_EXT", "0") == "1":
+        print("rca_fast: RCA_FAST_SKIP_EXT=1, not building the extension rca_fast._C")
+        return [], {}
+    try:
+        from csrc_build import extension_modules  # noqa: F401  (added with the extension)
+    except ImportError:
+        return [], {}
+    return extension_modules(ROOT)
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="rca_fast",
+    version="0.1.0",
+    description="Regional Semantic Contrast and Aggregation (CVPR 2022) with fused Triton/CUDA kernels",
+    python_requires=">=3.10",
+    packages=["rca_fast", "rca_fast.ops", "rca_fast.ref", "rca_fast.model", "rca_fast.data",
+              "rca_fast.kernels"],
+    package_dir={"rca_fast.kernels": "kernels"},
+    install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm", "pillow"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+                    "plots": ["matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
