@@ -6,10 +6,12 @@ sources when a CUDA toolkit is found (``CUDA_HOME``, ``TORCH_CUDA_ARCH_LIST``, `
 honoured), with its CPU sources otherwise; ``RCA_FAST_SKIP_EXT=1`` skips it.
 """
 import os
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # csrc_build.py sits next to this file
 
 
 def extensions():
