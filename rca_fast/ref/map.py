@@ -7,8 +7,17 @@ import torch
 
 
 def region_masks(cams: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) activation maps -> bool masks ``cam > spatial mean of cam``."""
-    return cams > cams.mean(dim=(-2, -1), keepdim=True)
+    """(..., H, W) activation maps -> bool masks ``cam > spatial mean of cam``.
+
+    The comparison is made in float64 on the map minus its first pixel: a mean taken in the
+    map's own precision rounds, and on a constant map it lands below the constant about a third
+    of the time in float32, which would turn "no region" into "every pixel".  Shifting by a pixel
+    of the map makes a constant map exactly 0 (empty mask) for every input dtype, and the float64
+    difference of two float32/16 values is exact, so the shift changes nothing else.
+    """
+    x = cams.to(torch.float64)
+    x = x - x[..., :1, :1]
+    return x > x.mean(dim=(-2, -1), keepdim=True)
 
 
 def masked_average_pool(features: torch.Tensor, cams: torch.Tensor,
@@ -22,16 +31,19 @@ def masked_average_pool(features: torch.Tensor, cams: torch.Tensor,
     Returns:
         emb (B, L, D) in ``features.dtype`` (0 for absent pairs and empty masks) and
         count (B, L) int64 (mask pixels; 0 for absent pairs).
+    Sums are accumulated in float32 for half-precision features (float64 for float64), and the
+    counts are integer sums of the bool masks (a bf16 sum is not exact past 256 pixels).
     """
     B, D, H, W = features.shape
     L = cams.shape[1]
-    flat = features.reshape(B, D, H * W)
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    flat = features.reshape(B, D, H * W).to(acc)
     if labels is None:
-        masks = region_masks(cams).reshape(B, L, H * W).to(features.dtype)
-        sums = torch.bmm(masks, flat.transpose(1, 2))                      # (B, L, D)
-        count = masks.sum(-1).round().long()                              # exact: <= 2^24 pixels
-        emb = sums / count.clamp(min=1).unsqueeze(-1).to(features.dtype)
-        return emb, count
+        masks = region_masks(cams).reshape(B, L, H * W)
+        count = masks.sum(-1)                                              # int64, exact
+        sums = torch.bmm(masks.to(acc), flat.transpose(1, 2))              # (B, L, D)
+        emb = sums / count.clamp(min=1).unsqueeze(-1).to(acc)
+        return emb.to(features.dtype), count
     # Only the present classes: pack each image's present classes into Lp <= L columns
     # (Lp = most present classes in one image), pool those with one bmm, scatter back.
     present = labels.bool()
@@ -47,10 +59,10 @@ def masked_average_pool(features: torch.Tensor, cams: torch.Tensor,
     valid = torch.arange(Lp, device=features.device).unsqueeze(0) < per_image.unsqueeze(1)
     picked = torch.gather(cams.reshape(B, L, H * W), 1, order.unsqueeze(-1).expand(B, Lp, H * W))
     masks = (region_masks(picked.reshape(B, Lp, H, W)).reshape(B, Lp, H * W)
-             & valid.unsqueeze(-1)).to(features.dtype)
-    sums = torch.bmm(masks, flat.transpose(1, 2))                          # (B, Lp, D)
-    cnt = masks.sum(-1).round().long()
-    vals = sums / cnt.clamp(min=1).unsqueeze(-1).to(features.dtype)
+             & valid.unsqueeze(-1))
+    cnt = masks.sum(-1)                                                    # int64, exact
+    sums = torch.bmm(masks.to(acc), flat.transpose(1, 2))                  # (B, Lp, D)
+    vals = (sums / cnt.clamp(min=1).unsqueeze(-1).to(acc)).to(features.dtype)
     # Padding columns are all-zero, so scattering with "add" leaves absent classes at 0.
     emb = emb.scatter_add(1, order.unsqueeze(-1).expand(B, Lp, D), vals)
     count = count.scatter_add(1, order, cnt)
