@@ -1,0 +1,411 @@
+"""RCAModel: backbones, heads, region contrast, bank update, pretrained loading, input checks.
+
+Oracles are float64 literal loops written here (per region, per slot, per branch, per pixel).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rca_fast.model import RCAModel, RCAOutput
+from rca_fast.model.backbones import load_pretrained
+from rca_fast.model.heads import PerClassCAMHead, PrototypeAggregation
+from rca_fast.model.rca import draw_mixup, region_contrast
+
+pytestmark = pytest.mark.filterwarnings("ignore:rca_fast. the compiled extension:RuntimeWarning")
+
+
+def random_labels(B, L, gen, p=0.4):
+    """(B, L) float 0/1 with at least one present class per image."""
+    labels = (torch.rand(B, L, generator=gen) < p).double()
+    labels[torch.arange(B), torch.randint(L, (B,), generator=gen)] = 1
+    return labels
+
+
+# ----------------------------------------------------------------------------- float64 oracles
+
+def oracle_regions(features, query_features, coarse_cams, coarse_logits, labels):
+    """Rows (image, class, bank emb, query emb, score) of the non-empty present regions, looped."""
+    B, L = labels.shape
+    rows = []
+    for b in range(B):
+        probs = torch.softmax(coarse_cams[b].double(), dim=0)               # over classes, per pixel
+        for l in range(L):
+            if labels[b, l] == 0:
+                continue
+            mask = probs[l] > probs[l].mean()
+            n = int(mask.sum())
+            if n == 0:
+                continue
+            emb = sum(features[b][:, i, j].double() for i, j in mask.nonzero().tolist()) / n
+            query = sum(query_features[b][:, i, j].double() for i, j in mask.nonzero().tolist()) / n
+            score = 1 / (1 + math.exp(-float(coarse_logits[b, l])))
+            rows.append((b, l, emb, query, score))
+    return rows
+
+
+def oracle_nce(q, bank, c, tau):
+    """Eq. 4 for one query q (D,) of class c: mean over positive slots, negatives = other classes."""
+    L, S, _ = bank.shape
+    def sim(m):
+        return torch.dot(q, m) / (q.norm() * m.norm()) / tau
+    neg = sum(torch.exp(sim(bank[l, i])) for l in range(L) if l != c for i in range(S)) if L > 1 else 0.0
+    terms = []
+    for j in range(S):
+        pos = torch.exp(sim(bank[c, j]))
+        terms.append(-torch.log(pos / (pos + neg)))
+    return sum(terms) / S
+
+
+def oracle_contrast(rows, bank, B, tau, partner=None, weight=None):
+    """Per-image mean of the (mixed) region NCE, summed over images."""
+    per_image = [[] for _ in range(B)]
+    for i, (b, l, _, q, _) in enumerate(rows):
+        if partner is None:
+            per_image[b].append(oracle_nce(q, bank, l, tau))
+            continue
+        w, p = float(weight[i]), int(partner[i])
+        mixed = w * q + (1 - w) * rows[p][3]
+        per_image[b].append(w * oracle_nce(mixed, bank, l, tau) + (1 - w) * oracle_nce(mixed, bank, rows[p][1], tau))
+    return sum(sum(v) / len(v) for v in per_image if v)
+
+
+# ----------------------------------------------------------------------------- forward / backward
+
+@pytest.mark.parametrize("backbone,B,L,H,W", [
+    ("vgg16", 2, 3, 64, 64), ("resnet50", 2, 3, 64, 64), ("tiny", 2, 20, 97, 61), ("tiny", 3, 1, 16, 23),
+], ids=lambda v: str(v))
+def test_forward_backward_every_backbone(backbone, B, L, H, W, gen):
+    model = RCAModel(L, backbone=backbone, bank_slots=7, prototypes=3)
+    model.refresh_prototypes(seed=1)
+    images = torch.randn(B, 3, H, W, generator=gen)
+    labels = random_labels(B, L, gen).float()
+    out = model(images, labels, generator=gen)
+    h, w = (H // 8, W // 8) if backbone == "vgg16" else (math.ceil(H / 8), math.ceil(W / 8))
+    D = model.feature_dim
+    assert D == (64 if backbone == "tiny" else 512)
+    assert out.cams.shape == out.coarse_cams.shape == (B, L, h, w)
+    assert out.logits.shape == out.coarse_logits.shape == (B, L)
+    torch.testing.assert_close(out.logits, out.cams.mean(dim=(2, 3)))
+    torch.testing.assert_close(out.coarse_logits, out.coarse_cams.mean(dim=(2, 3)))
+    N = out.bank_emb.shape[0]
+    assert N <= int(labels.sum()) and out.bank_emb.shape == (N, D) and not out.bank_emb.requires_grad
+    assert out.bank_target.dtype == torch.int64 and out.bank_score.shape == (N,)
+    assert bool((labels[out.region_image, out.bank_target] == 1).all())
+    assert out.contrast_loss.dim() == 0 and torch.isfinite(out.contrast_loss)
+    (out.logits.sum() + out.coarse_logits.sum() + out.contrast_loss).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+    assert model.update_bank(out) == int((out.bank_score > model.bank.score_threshold).sum())
+
+
+def test_inference_and_eval_mode(gen):
+    model = RCAModel(5, backbone="tiny", bank_slots=4, prototypes=2)
+    images = torch.randn(2, 3, 33, 40, generator=gen)
+    out = model(images)
+    assert out.contrast_loss is None and out.bank_emb is None
+    model.eval()
+    out = model(images, random_labels(2, 5, gen))
+    assert out.mix_partner is None and out.contrast_loss is not None   # eval: contrast without mixup
+    off = RCAModel(5, backbone="tiny", bank_slots=4, prototypes=2, contrast=False)
+    out = off(images, random_labels(2, 5, gen))
+    assert out.contrast_loss is None and out.bank_emb is not None
+
+
+# ----------------------------------------------------------------------------- heads
+
+@pytest.mark.parametrize("L,D,W", [(3, 60, 12), (1, 8, 5)], ids=lambda v: str(v))
+def test_per_class_head_equals_separate_branches(L, D, W, gen):
+    head = PerClassCAMHead(D, W, L).double()
+    x = torch.randn(2, D, 7, 13, generator=gen, dtype=torch.float64)
+    convs = [m for m in head.body if isinstance(m, torch.nn.Conv2d)]
+    for l in range(L):  # branch l alone, as L separate heads would compute it
+        sl = slice(l * W, (l + 1) * W)
+        y = x
+        for conv in convs:
+            y = F.relu(F.conv2d(y, conv.weight[sl], conv.bias[sl], padding=1))
+        y = F.conv2d(y, head.classifier.weight[l:l + 1], head.classifier.bias[l:l + 1])
+        torch.testing.assert_close(head(x)[:, l:l + 1], y)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "linear", "none"])
+def test_aggregation_against_pixel_loop(mode, gen):
+    L, K, D, h, w = 3, 2, 12, 5, 7
+    agg = PrototypeAggregation(D, mode).double()
+    feats = torch.randn(2, D, h, w, generator=gen, dtype=torch.float64)
+    protos = torch.randn(L, K, D, generator=gen, dtype=torch.float64)
+    got = agg(feats, protos)
+    agg.requires_grad_(False)
+    if mode == "none":
+        assert got is feats and not list(agg.parameters())
+        return
+    P = L * K
+    keys = [agg.key.weight @ protos.reshape(P, D)[p] + agg.key.bias for p in range(P)]
+    values = [agg.value.weight @ protos.reshape(P, D)[p] + agg.value.bias for p in range(P)]
+    want = torch.empty_like(feats)
+    for b in range(2):
+        for i in range(h):
+            for j in range(w):
+                f = feats[b, :, i, j]
+                q = agg.query.weight[:, :, 0, 0] @ f + agg.query.bias
+                scores = [float(q @ k) for k in keys]
+                if mode == "softmax":
+                    e = [math.exp(s / math.sqrt(D) - max(scores) / math.sqrt(D)) for s in scores]
+                    coef = [v / sum(e) for v in e]
+                else:                                   # public code: scores * 2 / (K*L), no softmax
+                    coef = [s * 2 / (K * L) for s in scores]
+                ctx = sum(c * v for c, v in zip(coef, values))
+                o = agg.out.weight[:, :, 0, 0] @ ctx + agg.out.bias
+                want[b, :, i, j] = agg.fuse.weight[:, :, 0, 0] @ torch.cat([f, o]) + agg.fuse.bias
+    torch.testing.assert_close(got, want)
+
+
+def test_shared_vs_per_class_final_head(gen):
+    per_class = RCAModel(4, backbone="tiny", bank_slots=4, prototypes=2)
+    shared = RCAModel(4, backbone="tiny", bank_slots=4, prototypes=2, shared_final_head=True)
+    n_per_class = sum(p.numel() for p in per_class.final_head.parameters())
+    n_shared = sum(p.numel() for p in shared.final_head.parameters())
+    D = per_class.feature_dim   # per class: first conv D -> 4D, two grouped 4D -> 4D convs, 4 maps
+    assert n_per_class == (D * 4 * D * 9 + 4 * D) + 2 * (4 * D * D * 9 + 4 * D) + (4 * D + 4)
+    assert n_shared == 3 * (D * D * 9 + D) + (D * 4 + 4)
+    images = torch.randn(2, 3, 24, 40, generator=gen)
+    for model in (per_class, shared):
+        out = model(images, random_labels(2, 4, gen))
+        assert out.cams.shape == (2, 4, 3, 5)
+        out.logits.sum().backward()
+
+
+# ----------------------------------------------------------------------------- region contrast
+
+@pytest.mark.parametrize("B,L,S,D,h,w", [(2, 4, 5, 60, 7, 13), (3, 80, 1, 12, 5, 6)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("mixup", [True, False], ids=["mixup", "plain"])
+def test_region_contrast_against_loop(B, L, S, D, h, w, mixup, gen):
+    f64 = dict(generator=gen, dtype=torch.float64)
+    feats = torch.randn(B, D, h, w, **f64)
+    qfeats = torch.randn(B, D, h, w, **f64, requires_grad=True)
+    cams = torch.randn(B, L, h, w, **f64)
+    if L == 4:
+        cams[0] = 0.0          # image 0: uniform softmax (exactly 1/4) -> every region of it is empty
+    logits = cams.mean(dim=(2, 3))
+    labels = random_labels(B, L, gen, p=0.1 if L == 80 else 0.5)
+    bank = torch.randn(L, S, D, **f64)
+    seed = int(torch.randint(2 ** 31, (1,), generator=gen))
+    res = region_contrast(feats, qfeats, cams, logits, labels.bool(), bank, temperature=0.07, mixup=mixup,
+                          generator=torch.Generator().manual_seed(seed))
+    rows = oracle_regions(feats, qfeats, cams, logits, labels)
+    assert [(b, l) for b, l, *_ in rows] == list(zip(res.image.tolist(), res.target.tolist()))
+    if L == 4:
+        assert 0 not in res.image.tolist()
+    for i, (_, _, emb, _, score) in enumerate(rows):
+        torch.testing.assert_close(res.emb[i], emb)
+        assert math.isclose(float(res.score[i]), score, rel_tol=1e-9)
+    if mixup:
+        img_of = res.image.tolist()
+        assert all(0 <= p < len(rows) for p in res.partner.tolist())
+        assert bool(((res.weight >= 0) & (res.weight <= 1)).all())
+        again = region_contrast(feats, qfeats, cams, logits, labels.bool(), bank, mixup=True,
+                                generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(again.partner, res.partner) and torch.equal(again.weight, res.weight)
+        assert set(img_of[p] for p in res.partner.tolist()) <= set(img_of)
+    want = oracle_contrast(rows, bank, B, 0.07, res.partner, res.weight)
+    torch.testing.assert_close(res.loss, want)
+    grad, = torch.autograd.grad(res.loss, qfeats)
+    want_grad, = torch.autograd.grad(want, qfeats)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_draw_mixup_distribution(gen):
+    # images with 1, 3, 0 and 2 rows: an image is drawn uniformly among the 3 holding rows,
+    # then one of its rows uniformly.
+    region_image = torch.tensor([0, 1, 1, 1, 3, 3])
+    n = 30000
+    partner, weight = draw_mixup(region_image, 4, 8.0, gen)
+    assert partner.shape == weight.shape == (6,) and set(partner.tolist()) <= set(range(6))
+    big = torch.cat([region_image, torch.full((n - 6,), 3)])   # many rows of image 3
+    partner, weight = draw_mixup(big, 4, 8.0, gen)
+    counts = torch.bincount(partner, minlength=big.shape[0]).double() / n
+    per_row_mass = {0: 1 / 3, 1: 1 / 9, 2: 1 / 9, 3: 1 / 9}
+    for row, mass in per_row_mass.items():
+        assert abs(float(counts[row]) - mass) < 5 * math.sqrt(mass * (1 - mass) / n), (row, float(counts[row]))
+    assert abs(float(counts[4:].sum()) - 1 / 3) < 5 * math.sqrt(2 / 9 / n)
+    # Beta(8, 8): mean 1/2, variance 1/68
+    assert abs(float(weight.double().mean()) - 0.5) < 5 * math.sqrt(1 / 68 / n)
+    assert abs(float(weight.double().var()) - 1 / 68) < 0.002
+
+
+def test_model_contrast_loss_against_loop(gen):
+    L = 6
+    model = RCAModel(L, backbone="tiny", bank_slots=5, prototypes=2).double()
+    images = torch.randn(3, 3, 40, 35, generator=gen, dtype=torch.float64)
+    labels = random_labels(3, L, gen)
+    out = model(images, labels, generator=gen)
+    with torch.no_grad():
+        feats = model.backbone(images)
+        rows = oracle_regions(feats, model.projector(feats), model.coarse_head(feats),
+                              model.coarse_head(feats).mean(dim=(2, 3)), labels)
+    assert len(rows) == out.bank_emb.shape[0] == out.mix_partner.shape[0]
+    want = oracle_contrast(rows, model.bank.bank, 3, model.temperature, out.mix_partner, out.mix_weight)
+    torch.testing.assert_close(out.contrast_loss.detach(), want)
+
+
+@pytest.mark.parametrize("empty", ["one-image", "all"])
+def test_empty_regions_no_nan(empty, gen):
+    L = 4
+    model = RCAModel(L, backbone="tiny", bank_slots=3, prototypes=2, score_threshold=-1.0)
+    model.refresh_prototypes()
+    images = torch.randn(3, 3, 32, 48, generator=gen)
+    labels = random_labels(3, L, gen).float()
+    which = slice(0, 1) if empty == "one-image" else slice(None)
+
+    def flat_coarse(module, inputs, output):   # uniform softmax (exactly 1/4): no pixel above the mean
+        output = output.clone()
+        output[which] = 0.0
+        return output
+
+    model.coarse_head.register_forward_hook(flat_coarse)
+    out = model(images, labels, generator=gen)
+    kept = set(out.region_image.tolist())
+    assert 0 not in kept and (kept == set() if empty == "all" else kept == {1, 2})
+    assert torch.isfinite(out.contrast_loss)
+    if empty == "all":
+        assert float(out.contrast_loss.detach()) == 0.0
+    (out.contrast_loss + out.logits.sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    before = model.bank.bank.clone()
+    assert model.update_bank(out) == out.bank_emb.shape[0]
+    assert torch.isfinite(model.bank.bank).all()
+    if empty == "all":
+        assert torch.equal(model.bank.bank, before)
+
+
+def test_update_bank_applies_rows_above_threshold(gen):
+    L, S, D = 3, 4, 64
+    model = RCAModel(L, backbone="tiny", bank_slots=S, prototypes=2)
+    model.bank.ptr.copy_(torch.tensor([3, 0, 1]))
+    N = 9
+    emb = torch.randn(N, D, generator=gen)
+    target = torch.randint(L, (N,), generator=gen)
+    score = torch.rand(N, generator=gen)
+    out = RCAOutput(*(torch.zeros(1),) * 4, bank_emb=emb, bank_target=target, bank_score=score)
+    bank = model.bank.bank.double().clone()
+    ptr = model.bank.ptr.tolist()
+    applied = 0
+    for i in range(N):  # the sequential rule, rows below the threshold skipped
+        if float(score[i]) <= 0.7:
+            continue
+        c = int(target[i])
+        bank[c, ptr[c]] = 0.99 * bank[c, ptr[c]] + 0.01 * emb[i].double()
+        ptr[c] = (ptr[c] + 1) % S
+        applied += 1
+    assert model.update_bank(out) == applied
+    torch.testing.assert_close(model.bank.bank.double(), bank, rtol=1e-6, atol=1e-6)
+    assert model.bank.ptr.tolist() == ptr
+    assert model.update_bank(RCAOutput(*(torch.zeros(1),) * 4)) == 0
+
+
+# ----------------------------------------------------------------------------- pretrained files
+
+def test_vgg16_torchvision_file_and_layout(tmp_path, gen):
+    import torchvision
+    tv = torchvision.models.vgg16(weights=None)
+    path = tmp_path / "vgg16.pth"
+    torch.save(tv.state_dict(), path)
+    model = RCAModel(2, backbone="vgg16", pretrained=str(path), bank_slots=2, prototypes=1)
+    x = torch.randn(1, 3, 48, 56, generator=gen)
+    # the public code's VGG16 written out: pools 1-3 2x2/2, pool4 3x3 stride 1, conv5 dilated 2, no pool5
+    convs = [m for m in tv.features if isinstance(m, torch.nn.Conv2d)]
+    y, k = x, 0
+    for block, n in enumerate((2, 2, 3, 3, 3)):
+        for _ in range(n):
+            d = 2 if block == 4 else 1
+            y = F.relu(F.conv2d(y, convs[k].weight, convs[k].bias, padding=d, dilation=d))
+            k += 1
+        if block < 3:
+            y = F.max_pool2d(y, 2, 2)
+        elif block == 3:
+            y = F.max_pool2d(y, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone(x), y)
+    assert y.shape == (1, 512, 6, 7)
+
+
+def test_resnet50_torchvision_file(tmp_path, gen):
+    import torchvision
+    tv = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True]).eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(tv.state_dict(), path)
+    model = RCAModel(2, backbone="resnet50", pretrained=str(path), bank_slots=2, prototypes=1).eval()
+    x = torch.randn(1, 3, 40, 48, generator=gen)
+    trunk = torch.nn.Sequential(*list(tv.children())[:-2])
+    with torch.no_grad():
+        features = trunk(x)
+        assert features.shape == (1, 2048, 5, 6)
+        torch.testing.assert_close(model.backbone(x), model.backbone.reduce(features))
+
+
+def test_pretrained_round_trip_and_errors(tmp_path, gen):
+    source = RCAModel(3, backbone="tiny", bank_slots=2, prototypes=1)
+    path = tmp_path / "tiny.pt"
+    torch.save({"state_dict": source.backbone.state_dict()}, path)
+    loaded = RCAModel(3, backbone="tiny", pretrained=str(path), bank_slots=2, prototypes=1)
+    x = torch.randn(2, 3, 27, 19, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone(x), source.backbone(x), rtol=0, atol=0)
+    missing = tmp_path / "nowhere" / "weights.pth"
+    with pytest.raises(FileNotFoundError, match=str(missing).replace("\\", "\\\\")):
+        RCAModel(3, backbone="tiny", pretrained=str(missing))
+    with pytest.raises(ValueError, match="missing keys: .*features.10.weight.*; unexpected keys: .*features.4.weight"):
+        load_pretrained(RCAModel(3, backbone="vgg16", bank_slots=2, prototypes=1).backbone, str(path))
+    bad = source.backbone.state_dict()
+    bad["features.2.weight"] = bad["features.2.weight"][:, :5]
+    torch.save(bad, path)
+    with pytest.raises(ValueError, match="shape-mismatched keys: features.2.weight"):
+        RCAModel(3, backbone="tiny", pretrained=str(path))
+
+
+# ----------------------------------------------------------------------------- optimiser groups
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet50"])
+def test_param_groups(backbone):
+    model = RCAModel(3, backbone=backbone, bank_slots=2, prototypes=1)
+    groups = model.param_groups(lr=1e-3, weight_decay=5e-4)
+    seen = {}
+    for g in groups:
+        for p in g["params"]:
+            assert id(p) not in seen
+            seen[id(p)] = (g["lr"], g["weight_decay"])
+    for name, p in model.named_parameters():
+        new = not name.startswith("backbone.") or name.startswith("backbone.reduce.")
+        bias = name.endswith(".bias")
+        lr = 1e-3 * {(False, False): 1, (False, True): 2, (True, False): 10, (True, True): 20}[(new, bias)]
+        assert seen[id(p)] == pytest.approx((lr, 0.0 if bias else 5e-4)), name
+    torch.optim.SGD(groups, lr=1e-3, momentum=0.9, nesterov=True)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_bad_inputs_raise_named_errors(gen):
+    model = RCAModel(4, backbone="tiny", bank_slots=2, prototypes=1)
+    good = torch.randn(2, 3, 32, 32, generator=gen)
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\), got \(2, 4, 32, 32\)"):
+        model(torch.randn(2, 4, 32, 32))
+    with pytest.raises(ValueError, match="images must have shape"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(TypeError, match="images must be a float tensor"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="images must be at least 16x16"):
+        model(torch.randn(2, 3, 8, 32))
+    with pytest.raises(ValueError, match=r"labels must have shape \(B, L\) = \(2, 4\), got \(2, 5\)"):
+        model(good, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="labels must be a 0/1"):
+        model(good, torch.full((2, 4), 0.5))
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        RCAModel(4, backbone="vgg19")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        RCAModel(4, backbone="tiny", aggregation="mean")
+    with pytest.raises(TypeError, match="out must be an RCAOutput"):
+        model.update_bank({"bank_emb": None})
