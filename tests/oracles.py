@@ -12,9 +12,11 @@ precision the contract names.
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import pytest
 import torch
 
 NORM_EPS = 1e-12  # the norm floor of the contract's cosine similarity (a zero vector -> similarity 0)
@@ -199,3 +201,15 @@ def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> Tuple[Lis
         dists.append(dl)
         best.append(bl)
     return dists, best
+
+
+# --------------------------------------------------------------------------- backend selection
+@pytest.fixture(autouse=True)
+def torch_backend_unless_forced(monkeypatch):
+    """Import this fixture into a test module to run its ops on the plain-torch backend.
+
+    A backend already forced by the caller (``RCA_FAST_BACKEND=triton pytest tests/test_map.py``)
+    is kept, so the same oracle tests can check the other backends.
+    """
+    if not os.environ.get("RCA_FAST_BACKEND"):
+        monkeypatch.setenv("RCA_FAST_BACKEND", "torch")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import oracles
+from oracles import torch_backend_unless_forced  # noqa: F401  (autouse: torch backend)
 from rca_fast import ops
 
 # (B, N, P, D, Dv): D=60 with Dv=37, a single prototype (P=1), one image and several.

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import oracles
+from oracles import torch_backend_unless_forced  # noqa: F401  (autouse: torch backend)
 from rca_fast import ops
 from rca_fast.ref import masked_average_pool as ref_map
 

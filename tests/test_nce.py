@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import oracles
+from oracles import torch_backend_unless_forced  # noqa: F401  (autouse: torch backend)
 from rca_fast import ops
 
 # (N, L, S, D): S=1, L=1 (no negatives), L=80, D=60.

@@ -16,6 +16,8 @@ def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target
     For each row i in order: ``c = target[i]; bank[c, ptr[c]] = gamma * bank[c, ptr[c]] +
     (1 - gamma) * emb[i]; ptr[c] = (ptr[c] + 1) % S`` -- exactly the sequential loop, also when a
     class has several rows (consecutive slots) or more than S rows (slots revisited in order).
+    The arithmetic is float32 (float64 for a float64 bank) with one rounding to the bank's dtype
+    per update; ``rca_fast.ref.ema`` spells it out for bit-exact backends.
 
     Args:
         bank: (L, S, D) float buffer, updated in place.
@@ -37,7 +39,9 @@ def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target
     check_index(OP, "target", target, L)
     check_index(OP, "ptr", ptr, S)
     check_finite(OP, "emb", emb)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"{OP}: gamma must be a float in [0, 1], got {type(gamma).__name__}")
+    if not 0.0 <= gamma <= 1.0:  # also rejects NaN
         raise ValueError(f"{OP}: gamma must be a float in [0, 1], got {gamma!r}")
     if bank.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{OP}: bank must be a buffer (requires_grad=False); an in-place update of "
