@@ -49,20 +49,28 @@ def assign(x: torch.Tensor, centers: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return labels, dist
 
 
-def update_centers(x: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean of each cluster; empty clusters move to the farthest points (distinct ones)."""
+def update_centers(x: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, k: int,
+                   centers: torch.Tensor) -> torch.Tensor:
+    """Mean of each cluster; empty clusters move to the farthest points (distinct ones).
+
+    The mean is taken as ``centre + mean(x - centre)``: summing offsets from the current centre
+    instead of raw coordinates loses less to rounding, and makes a cluster of identical points
+    keep that point exactly (a plain float32 mean of n copies of v is v only up to an ulp).
+    """
     L, S, D = x.shape
     onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)              # (L, S, K)
     counts = onehot.sum(1)                                                   # (L, K)
+    own = torch.gather(centers, 1, labels.unsqueeze(-1).expand(L, S, D))     # each point's centre
     # A one-hot matmul instead of scatter_add: deterministic on every device.
-    centers = torch.bmm(onehot.transpose(1, 2), x) / counts.clamp(min=1).unsqueeze(-1)
+    shift = torch.bmm(onehot.transpose(1, 2), x - own) / counts.clamp(min=1).unsqueeze(-1)
+    new = centers + shift
     empty = counts == 0
     if bool(empty.any()):
         far = dist.topk(k, dim=1).indices                                    # (L, K) farthest first
         rank = (empty.long().cumsum(1) - 1).clamp(min=0)
         pick = torch.gather(far, 1, rank)
-        centers = torch.where(empty.unsqueeze(-1), torch.gather(x, 1, pick.unsqueeze(-1).expand(L, k, D)), centers)
-    return centers
+        new = torch.where(empty.unsqueeze(-1), torch.gather(x, 1, pick.unsqueeze(-1).expand(L, k, D)), new)
+    return new
 
 
 def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4, seed: int = 0,
@@ -98,7 +106,7 @@ def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4,
     prev = None
     for _ in range(iters):
         labels, dist = assign(x, centers)
-        new = update_centers(x, labels, dist, k)
+        new = update_centers(x, labels, dist, k, centers)
         shift = ((new - centers) ** 2).sum((1, 2))
         centers = torch.where(active.view(n, 1, 1), new, centers)
         done = shift <= tol_abs

@@ -1,0 +1,184 @@
+"""Batched k-means: quality against scikit-learn, determinism, labels, degenerate data, bad inputs."""
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_blobs
+
+import oracles
+from oracles import torch_backend_unless_forced  # noqa: F401  (autouse: torch backend)
+from rca_fast import ops
+
+
+def numpy_seed(gen) -> int:
+    return int(torch.randint(2 ** 31 - 1, (), generator=gen))
+
+
+def blobs(L, S, D, centers, gen, std=1.0):
+    """L independent blob problems (L, S, D) float32 and their numpy float64 twins."""
+    problems = [make_blobs(n_samples=S, n_features=D, centers=centers, cluster_std=std,
+                           random_state=numpy_seed(gen))[0] for _ in range(L)]
+    return torch.from_numpy(np.stack(problems)).float(), problems
+
+
+# (L, S, D, K, blob centres): several problems at once, odd S and D.
+BLOB_CASES = [(3, 97, 13, 7, 7), (2, 151, 60, 10, 10), (4, 45, 5, 3, 4), (1, 33, 3, 5, 5)]
+BLOB_IDS = [f"L{l}-S{s}-D{d}-K{k}" for l, s, d, k, _ in BLOB_CASES]
+
+
+@pytest.mark.parametrize("case", BLOB_CASES, ids=BLOB_IDS)
+def test_inertia_within_one_percent_of_sklearn_best_of_10(case, gen):
+    L, S, D, K, centers = case
+    points, problems = blobs(L, S, D, centers, gen)
+    _, _, inertia = ops.kmeans(points, K, seed=numpy_seed(gen), n_init=10)
+    assert inertia.shape == (L,)
+    for l in range(L):
+        best = KMeans(n_clusters=K, n_init=10, random_state=numpy_seed(gen)).fit(problems[l]).inertia_
+        assert float(inertia[l]) <= 1.01 * best, f"problem {l}: {float(inertia[l])} vs sklearn {best}"
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_labels_centroids_and_inertia_agree_with_loop(init, gen):
+    """Labels are each point's nearest returned centroid; inertia is the sum of those squared
+    distances; every centroid is the mean of its cluster or (after convergence) close to it."""
+    L, S, D, K = 3, 61, 7, 5
+    points, _ = blobs(L, S, D, K, gen, std=2.0)
+    centroids, labels, inertia = ops.kmeans(points, K, seed=numpy_seed(gen), init=init)
+    assert centroids.shape == (L, K, D) and labels.shape == (L, S) and inertia.shape == (L,)
+    assert labels.dtype == torch.int64 and centroids.dtype == points.dtype
+    dists, best = oracles.nearest_centroid(points, centroids)
+    for l in range(L):
+        scale = max(max(row) for row in dists[l])
+        total = 0.0
+        for s in range(S):
+            chosen = dists[l][s][int(labels[l, s])]
+            # ties within float32 distance error may go either way
+            assert chosen <= best[l][s] + 1e-5 * scale, (l, s)
+            total += chosen
+        assert abs(float(inertia[l]) - total) <= 1e-4 * total
+
+
+def test_same_seed_same_result(gen):
+    points, _ = blobs(3, 97, 13, 6, gen, std=3.0)
+    seed = numpy_seed(gen)
+    first = ops.kmeans(points, 6, seed=seed)
+    second = ops.kmeans(points.clone(), 6, seed=seed)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    # Other seeds are allowed to differ, but must be valid runs of the same problem.
+    other = ops.kmeans(points, 6, seed=seed + 1)
+    assert bool(torch.isfinite(other[0]).all()) and other[1].shape == first[1].shape
+
+
+def test_unbatched_input_returns_unbatched_shapes(gen):
+    S, D, K = 29, 11, 4
+    points = torch.randn(S, D, generator=gen)
+    seed = numpy_seed(gen)
+    centroids, labels, inertia = ops.kmeans(points, K, seed=seed)
+    assert centroids.shape == (K, D) and labels.shape == (S,) and inertia.shape == ()
+    batched = ops.kmeans(points[None], K, seed=seed)
+    assert torch.equal(centroids, batched[0][0]) and torch.equal(labels, batched[1][0])
+    assert torch.equal(inertia, batched[2][0])
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_k_equal_to_s_puts_every_point_in_its_own_cluster(init, gen):
+    L, S, D = 2, 9, 60
+    points = torch.randn(L, S, D, generator=gen)
+    centroids, labels, inertia = ops.kmeans(points, S, seed=numpy_seed(gen), init=init)
+    assert bool((inertia == 0).all())
+    for l in range(L):
+        assert sorted(labels[l].tolist()) == list(range(S))
+        assert torch.equal(centroids[l, labels[l]], points[l])
+
+
+def test_k_greater_than_s_raises():
+    with pytest.raises(ValueError, match=r"\bk\b"):
+        ops.kmeans(torch.randn(3, 5, 4), 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_identical_points(dtype, init, gen):
+    """All points equal: finite centroids (all equal to the point) and zero inertia, never NaN."""
+    L, S, D, K = 3, 11, 13, 4
+    point = (torch.randn(L, 1, D, generator=gen) * 5 + 0.1).to(dtype)
+    points = point.expand(L, S, D).contiguous()
+    centroids, labels, inertia = ops.kmeans(points, K, seed=numpy_seed(gen), init=init)
+    assert bool(torch.isfinite(centroids).all()) and bool(torch.isfinite(inertia).all())
+    assert torch.equal(centroids, point.expand(L, K, D))
+    assert bool((inertia == 0).all())
+    assert bool(((labels >= 0) & (labels < K)).all())
+
+
+def test_empty_clusters_are_reseeded(gen):
+    """40 copies of one point plus 4 distinct points, k = 4, random init: the initial centroids
+    are almost surely duplicates of the repeated point, so clusters start empty.  Re-seeding must
+    leave 4 finite, distinct centroids, each owning at least one point."""
+    L, D, K = 6, 9, 4
+    repeated = torch.randn(L, 1, D, generator=gen)
+    others = torch.randn(L, 4, D, generator=gen) * 3 + 10
+    points = torch.cat([repeated.expand(L, 40, D), others], 1)
+    # Permute the points so the duplicates are not all first.
+    points = torch.stack([p[torch.randperm(44, generator=gen)] for p in points])
+    centroids, labels, _ = ops.kmeans(points, K, seed=numpy_seed(gen), init="random")
+    assert bool(torch.isfinite(centroids).all())
+    for l in range(L):
+        gaps = torch.cdist(centroids[l].double(), centroids[l].double())
+        assert float((gaps + torch.eye(K, dtype=torch.float64) * 1e9).min()) > 1e-3
+        assert sorted(set(labels[l].tolist())) == list(range(K))
+
+
+def test_n_init_returns_a_consistent_best_run(gen):
+    """With n_init > 1 the returned centroids, labels and inertia come from one and the same run."""
+    points, _ = blobs(4, 80, 6, 8, gen, std=1.5)
+    centroids, labels, inertia = ops.kmeans(points, 8, seed=numpy_seed(gen), n_init=5)
+    dists, best = oracles.nearest_centroid(points, centroids)
+    for l in range(4):
+        total = sum(dists[l][s][int(labels[l, s])] for s in range(80))
+        assert abs(float(inertia[l]) - total) <= 1e-4 * total
+        assert total <= sum(best[l]) * (1 + 1e-5)
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("case, exc, name", [
+    ("points-1d", ValueError, "points"),
+    ("points-4d", ValueError, "points"),
+    ("points-int", TypeError, "points"),
+    ("points-nan", ValueError, "points"),
+    ("points-list", TypeError, "points"),
+    ("k-zero", ValueError, "k"),
+    ("k-float", TypeError, "k"),
+    ("iters-zero", ValueError, "iters"),
+    ("tol-negative", ValueError, "tol"),
+    ("init", ValueError, "init"),
+    ("n-init-zero", ValueError, "n_init"),
+])
+def test_bad_inputs_name_the_argument(case, exc, name, gen):
+    points = torch.randn(3, 7, 4, generator=gen)
+    k = 3
+    kwargs = {}
+    if case == "points-1d":
+        points = points[0, 0]
+    elif case == "points-4d":
+        points = points[None]
+    elif case == "points-int":
+        points = points.long()
+    elif case == "points-nan":
+        points[1, 2, 3] = float("inf")
+    elif case == "points-list":
+        points = points.tolist()
+    elif case == "k-zero":
+        k = 0
+    elif case == "k-float":
+        k = 3.0
+    elif case == "iters-zero":
+        kwargs["iters"] = 0
+    elif case == "tol-negative":
+        kwargs["tol"] = -1e-4
+    elif case == "init":
+        kwargs["init"] = "kmeans++"
+    elif case == "n-init-zero":
+        kwargs["n_init"] = 0
+    with pytest.raises(exc, match=rf"\b{name}\b"):  # the argument as a word, not inside the op name
+        ops.kmeans(points, k, **kwargs)
