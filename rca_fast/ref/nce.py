@@ -49,9 +49,13 @@ def bank_nce_loss(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
     """
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     q = F.normalize(query.to(acc), dim=-1, eps=EPS)
-    m = F.normalize(bank.detach().to(acc), dim=-1, eps=EPS)
-    L, S, D = m.shape
-    logits = (q @ m.reshape(L * S, D).t()).reshape(-1, L, S) / temperature  # (N, L, S): N x L*S
+    L, S, D = bank.shape
+    m = bank.detach().reshape(L * S, D).to(acc)
+    # cos(q, m) = (q_hat . m) / max(|m|, EPS), as F.normalize: the slot norms scale the (N, L*S)
+    # logits instead of dividing the whole (L*S, D) bank, which would write a normalised copy
+    # of the bank (20 MB at the public sizes) on every call.
+    inv_norm = m.norm(dim=-1).clamp(min=EPS).reciprocal()                   # (L*S,)
+    logits = ((q @ m.t()) * (inv_norm / temperature)).reshape(-1, L, S)    # (N, L, S): N x L*S
     class_lse = logits.logsumexp(-1)                                          # (N, L)
     loss = class_nce(logits, class_lse, target.long())
     if mix_target is not None:
