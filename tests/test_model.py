@@ -111,7 +111,7 @@ def test_inference_and_eval_mode(gen):
     assert out.mix_partner is None and out.contrast_loss is not None   # eval: contrast without mixup
     off = RCAModel(5, backbone="tiny", bank_slots=4, prototypes=2, contrast=False)
     out = off(images, random_labels(2, 5, gen))
-    assert out.contrast_loss is None and out.bank_emb is not None
+    assert out.contrast_loss is None and out.bank_emb is not None and off.projector is None
 
 
 # ----------------------------------------------------------------------------- heads

@@ -93,7 +93,7 @@ def draw_mixup(region_image: torch.Tensor, num_images: int, alpha: float,
     return partner.to(device), weight.to(device)
 
 
-def region_contrast(features: torch.Tensor, query_features: torch.Tensor, coarse_cams: torch.Tensor,
+def region_contrast(features: torch.Tensor, query_features: Optional[torch.Tensor], coarse_cams: torch.Tensor,
                     coarse_logits: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, *,
                     temperature: float = 0.07, contrast: bool = True, mixup: bool = True,
                     mixup_alpha: float = 8.0, generator: Optional[torch.Generator] = None,
@@ -102,7 +102,8 @@ def region_contrast(features: torch.Tensor, query_features: torch.Tensor, coarse
 
     Args:
         features: (B, D, h, w) backbone features F (bank rows; no gradient taken).
-        query_features: (B, D, h, w) projector features (contrast queries; differentiable).
+        query_features: (B, D, h, w) projector features (contrast queries; differentiable);
+            unused (may be None) when ``contrast`` is False.
         coarse_cams: (B, L, h, w) coarse CAMs P (regions = softmax over classes > spatial mean).
         coarse_logits: (B, L) GAP of P (bank scores = sigmoid).
         labels: (B, L) bool present classes.
@@ -116,7 +117,9 @@ def region_contrast(features: torch.Tensor, query_features: torch.Tensor, coarse
         image's rows, summed over the images (0 when there is no row).
     """
     B, L = labels.shape
-    probs = coarse_cams.detach().float().softmax(dim=1).to(features.dtype)
+    # Masks from at least float32 probabilities, also under autocast (bf16 would merge near-ties).
+    acc = torch.float64 if coarse_cams.dtype == torch.float64 else torch.float32
+    probs = coarse_cams.detach().to(acc).softmax(dim=1)
     pairs = labels.nonzero()                                                # (n, 2) image-major
     image, target = pairs[:, 0], pairs[:, 1]
     with torch.no_grad():
@@ -127,7 +130,7 @@ def region_contrast(features: torch.Tensor, query_features: torch.Tensor, coarse
     score = torch.sigmoid(coarse_logits.detach()[image, target])
     if not contrast:
         return RegionContrast(None, emb, target, score, image, None, None)
-    query_emb, _ = ops.masked_average_pool(query_features, probs.to(query_features.dtype), labels)
+    query_emb, _ = ops.masked_average_pool(query_features, probs, labels)
     query = query_emb[image, target]                                        # (N, D)
     partner = weight = None
     if image.numel() == 0:
@@ -188,7 +191,8 @@ class RCAModel(nn.Module):
         self.mixup_alpha = float(mixup_alpha)
         self.aggregation_mode = aggregation
         self.coarse_head = CAMHead(D, D, num_classes)
-        self.projector = Projector(D)
+        # Without contrast the projector would be an unused parameter set (DDP rejects those).
+        self.projector = Projector(D) if self.contrast else None
         self.aggregation = PrototypeAggregation(D, aggregation)
         self.final_head = CAMHead(D, D, num_classes) if shared_final_head else PerClassCAMHead(D, D, num_classes)
         self.bank = MemoryBank(num_classes, bank_slots, D, gamma=gamma, prototypes=prototypes,
@@ -245,7 +249,7 @@ class RCAModel(nn.Module):
                         coarse_cams=coarse_cams)
         if present is None:
             return out
-        query_features = self.projector(features) if self.contrast else features
+        query_features = self.projector(features) if self.contrast else None
         rc = region_contrast(features, query_features, coarse_cams, coarse_logits, present, self.bank.bank,
                              temperature=self.temperature, contrast=self.contrast,
                              mixup=self.mixup and self.training, mixup_alpha=self.mixup_alpha,
