@@ -101,20 +101,34 @@ class MemoryBank(nn.Module):
         every rank applies the same rows in the same order and the banks stay identical.
         Returns the number of rows applied (over all ranks).
         """
-        if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[-1] != self.dim:
-            got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-            raise ValueError(f"MemoryBank.update: emb must be (N, {self.dim}), got {got}")
+        self._check_rows(emb, target, score)
         emb, target = emb.detach(), target.to(device=emb.device, dtype=torch.long)
         if score is not None:
-            if score.shape != target.shape:
-                raise ValueError(f"MemoryBank.update: score must have the shape of target "
-                                 f"{tuple(target.shape)}, got {tuple(score.shape)}")
-            keep = score.detach().to(emb.device) > self.score_threshold
+            keep = score.detach().to(emb.device) > self.score_threshold  # strictly above
             emb, target = emb[keep], target[keep]
         emb, target = gather_rows(emb.to(self.bank.device), target.to(self.bank.device))
         if emb.shape[0]:
             ops.ema_update_(self.bank, self.ptr, emb, target, gamma=self.gamma)
         return int(emb.shape[0])
+
+    def _check_rows(self, emb, target, score) -> None:
+        """TypeError/ValueError naming the argument (before any row is filtered or gathered)."""
+        where = "MemoryBank.update"
+        for name, value in (("emb", emb), ("target", target)) + ((("score", score),) if score is not None else ()):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        if emb.dim() != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"{where}: emb must have shape (N, D) with D = {self.dim}, got {tuple(emb.shape)}")
+        if not emb.is_floating_point():
+            raise TypeError(f"{where}: emb must be a float tensor, got {emb.dtype}")
+        if target.dim() != 1 or target.shape[0] != emb.shape[0]:
+            raise ValueError(f"{where}: target must have shape (N,) = ({emb.shape[0]},) like emb, "
+                             f"got {tuple(target.shape)}")
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"{where}: target must be an integer tensor, got {target.dtype}")
+        if score is not None and tuple(score.shape) != tuple(target.shape):
+            raise ValueError(f"{where}: score must have shape (N,) = {tuple(target.shape)} like target, "
+                             f"got {tuple(score.shape)}")
 
     @torch.no_grad()
     def refresh_prototypes(self, seed: int = 0, **kmeans_kwargs) -> torch.Tensor:
@@ -123,7 +137,8 @@ class MemoryBank(nn.Module):
         Under torch.distributed rank 0 computes them and broadcasts, so every rank holds the same.
         """
         if _world() == 1 or dist.get_rank() == 0:
-            centroids, _, _ = ops.kmeans(self.bank.float(), self.num_prototypes, seed=seed, **kmeans_kwargs)
+            points = self.bank if self.bank.dtype == torch.float64 else self.bank.float()
+            centroids, _, _ = ops.kmeans(points, self.num_prototypes, seed=seed, **kmeans_kwargs)
             self.prototypes.copy_(centroids.to(self.prototypes.dtype))
         if _world() > 1:
             dist.broadcast(self.prototypes, src=0)
