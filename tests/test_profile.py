@@ -128,7 +128,7 @@ def test_ops_rows_match_work_formulas(tmp_path, gen, shape, dtype):
 def test_ops_default_backends_include_compile(tmp_path, gen):
     """Without --backends: every available backend but Triton (on the CPU), plus torch.compile."""
     shape = dict(B=2, L=3, S=5, D=12, H=3, W=5, K=2, present=1)
-    doc = main(["ops", "--shapes", spec(shape), "--ops", "ema_update_", "--out", str(tmp_path),
+    doc = main(["ops", "--shapes", spec(shape), "--ops", "ema", "--out", str(tmp_path),
                 "--seed", str(int(torch.randint(1 << 30, (1,), generator=gen))), *QUICK])
     want = [b for b in available_backends("ema_update_", CPU) if b != "triton"] + ["compile"]
     assert sorted(r["backend"] for r in doc["rows"]) == sorted(want)

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "through the interpreter)")
     ops.add_argument("--ops", default=None,
                      help="comma list of masked_average_pool,bank_nce_loss,prototype_attention,"
-                          "ema_update_,kmeans (default all)")
+                          "ema_update_,kmeans or map,nce,attention,ema,kmeans (default all)")
     ops.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default)")
     ops.add_argument("--out", default="rca_profile", help="output folder (default ./rca_profile)")
     ops.add_argument("--kmeans-iters", type=int, default=10, help="Lloyd iterations of kmeans (tol 0)")

@@ -117,7 +117,8 @@ def select_backends(op: str, device: torch.device, requested: Optional[Sequence[
         wanted = [b for b in ALL_BACKENDS if not (b == "triton" and device.type != "cuda")]
         silent = True
     else:
-        wanted, silent = list(requested), False
+        # torch first: it is the reference of the err and xtorch columns
+        wanted, silent = sorted(set(requested), key=ALL_BACKENDS.index), False
     run, skipped = [], {}
     for name in wanted:
         if name == "compile" or name in available:
@@ -232,6 +233,8 @@ def run(shapes: Sequence[counts.ProfileShape], *, dtype_name: str = "fp32",
     device = torch.device(device)
     op_names = list(dict.fromkeys(op for op, _ in counts.OPS))
     if ops is not None:
+        by_short = {short: op for op, short in counts.SHORT.items()}
+        ops = [by_short.get(o, o) for o in ops]           # map, nce, attention, ema accepted too
         unknown = [o for o in ops if o not in op_names]
         if unknown:
             raise ValueError(f"unknown op(s) {unknown}; choose from {op_names}")

@@ -17,6 +17,12 @@ def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def _percent(fraction: float) -> str:
+    """0.734 -> '73%', 0.00123 -> '0.12%': two significant digits under 10%."""
+    pct = 100 * fraction
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only: no display on the machines this runs on
@@ -32,7 +38,7 @@ def roofline(doc: dict, path: str) -> str:
     plt = _pyplot()
     rows = doc["rows"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows)) or ["(no rows)"]
-    fig, axes = plt.subplots(1, len(shapes), figsize=(7.5 * len(shapes), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(9.5 * len(shapes), 6), squeeze=False)
     c = doc["ceilings"]
     bw = c["copy_GBps"] * 1e9
     rates = {k: c[k] * 1e12 for k in RATE_STYLE if k in c}
@@ -56,7 +62,7 @@ def roofline(doc: dict, path: str) -> str:
             name = f"{r['short']}.{r['direction']}"
             ax.scatter(r["intensity"], r["TFLOPs"] * 1e12, marker=MARKERS.get(r["backend"], "x"),
                        color=colours[name], s=55, edgecolors="black", linewidths=0.5, zorder=3)
-            ax.annotate(f"{name} {r['backend']} {100 * r['roofline_frac']:.0f}%",
+            ax.annotate(f"{name} {r['backend']} {_percent(r['roofline_frac'])}",
                         (r["intensity"], r["TFLOPs"] * 1e12), fontsize=6, xytext=(4, 3),
                         textcoords="offset points")
         ax.set_xscale("log")
@@ -65,15 +71,15 @@ def roofline(doc: dict, path: str) -> str:
         ax.set_ylabel("achieved FLOP/s")
         ax.set_title(f"{shape} ({doc['dtype']})", fontsize=10)
         ax.grid(True, which="both", alpha=0.25)
-        handles = [plt.Line2D([], [], ls="", marker=m, markerfacecolor="white", markeredgecolor="black",
-                              label=b) for b, m in MARKERS.items() if any(r["backend"] == b for r in mine)]
+        handles = ax.get_legend_handles_labels()[0]     # the ceilings
+        handles += [plt.Line2D([], [], ls="", marker=m, markerfacecolor="white", markeredgecolor="black",
+                               label=b) for b, m in MARKERS.items() if any(r["backend"] == b for r in mine)]
         handles += [plt.Line2D([], [], ls="", marker="s", color=colours[o], label=o) for o in ops]
-        first = ax.legend(loc="lower right", fontsize=7)
-        ax.add_artist(first)
-        ax.legend(handles=handles, loc="upper left", fontsize=7, ncol=2)
+        # the legend outside the panel: the points and the roof fill the inside
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.suptitle(f"rca_fast op roofline on {doc['device']}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legends outside the panels
     plt.close(fig)
     return path
 
