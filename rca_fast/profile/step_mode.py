@@ -20,7 +20,6 @@ part's time is the host time of its ops, and "untracked" is Python time between 
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
