@@ -62,8 +62,9 @@ def expected_work(s, dtype, kmeans_iters):
     pairs = B * H * W * P
     out["prototype_attention", "fwd"] = (q + 2 * kv + q, pairs * (2 * D + 2 * D))
     out["prototype_attention", "bwd"] = ((q + 2 * kv + q) + (q + 2 * kv), pairs * (3 * 2 * D + 2 * 2 * D))
-    out["ema_update_", "fwd"] = (nbytes(N, D, dtype=dtype) + nbytes(N, dtype=i64) + 2 * nbytes(N, D, dtype=dtype)
-                                 + 2 * nbytes(L, dtype=i64), sum(3 * D for _ in range(N)))
+    out["ema_update_", "fwd"] = (nbytes(N, D, dtype=dtype) + nbytes(N, dtype=i64)
+                                 + 2 * nbytes(N, D, dtype=dtype) + 2 * nbytes(L, dtype=i64),
+                                 sum(3 * D for _ in range(N)))
     flops = 0
     for _ in range(L):
         flops += 2 * S * D                                    # distances to the first centre
@@ -91,7 +92,8 @@ def check_png(path):
                          ids=[f"{shape_id(SHAPES[0])}-fp32", f"{shape_id(SHAPES[1])}-fp32",
                               f"{shape_id(SHAPES[0])}-bf16"])
 def test_ops_rows_match_work_formulas(tmp_path, gen, shape, dtype):
-    seed, iters = int(torch.randint(1 << 30, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
+    seed = int(torch.randint(1 << 30, (1,), generator=gen))
+    iters = int(torch.randint(1, 4, (1,), generator=gen))
     doc = main(["ops", "--shapes", spec(shape), "--dtype", dtype, "--backends", "torch,cuda",
                 "--kmeans-iters", str(iters), "--seed", str(seed), "--out", str(tmp_path), *QUICK])
     with open(tmp_path / "profile.json") as f:
