@@ -1,0 +1,91 @@
+"""The compiled extension ``rca_fast._C`` as the ``cuda`` provider of ``rca_fast.ops``.
+
+``rca_fast.ops._dispatch`` imports ``ema_update_`` and ``kmeans`` from here.  Importing this module
+raises ImportError when ``rca_fast._C`` was not built; the dispatcher then falls back to the
+plain-torch reference with one warning.  The extension has a CPU twin (C++, OpenMP) and CUDA code;
+the tensors' device picks one.  Both ops are registered with ``torch.library`` (schema in
+``csrc/ops.cpp``, fake implementations below), so ``torch.compile`` traces through them:
+
+* ``torch.ops.rca_fast.ema_update_(bank, ptr, emb, target, gamma) -> ()`` mutates bank and ptr;
+* ``torch.ops.rca_fast.kmeans(points, k, iters, tol, seed, random_init, n_init)
+  -> (centroids, labels, inertia)``.
+
+Arguments arrive validated by ``rca_fast.ops``; the signatures are those of ``rca_fast.ref``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.rca_fast.*)
+except ImportError as exc:  # not built: RCA_FAST_SKIP_EXT=1, no compiler, or an ABI mismatch
+    raise ImportError(f"rca_fast._C is not built or cannot be loaded ({exc}); build it with "
+                      "`python setup.py build_ext --inplace`") from exc
+
+WITH_CUDA: bool = bool(getattr(_C, "with_cuda", False))
+_warned_no_cuda = False
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations: output shapes and dtypes without running anything."""
+    try:
+        torch.library.register_fake("rca_fast::ema_update_")(_ema_update_fake)
+        torch.library.register_fake("rca_fast::kmeans")(_kmeans_fake)
+    except RuntimeError as exc:  # already registered (a module reload)
+        if "already" not in str(exc):
+            raise
+
+
+def _ema_update_fake(bank, ptr, emb, target, gamma):
+    return None
+
+
+def _kmeans_fake(points, k, iters, tol, seed, random_init, n_init):
+    L, S, D = points.shape
+    acc = torch.float64 if points.dtype == torch.float64 else torch.float32
+    return (points.new_empty((L, k, D)), points.new_empty((L, S), dtype=torch.long),
+            points.new_empty((L,), dtype=acc))
+
+
+_register_fakes()
+
+
+def _cuda_unavailable(tensor: torch.Tensor) -> bool:
+    """True (with a one-time warning) for CUDA tensors when the extension has no CUDA code."""
+    global _warned_no_cuda
+    if tensor.device.type != "cuda" or WITH_CUDA:
+        return False
+    if not _warned_no_cuda:
+        _warned_no_cuda = True
+        warnings.warn("rca_fast._C was built without its CUDA sources; CUDA tensors use the "
+                      "plain-torch reference for ema_update_ and kmeans", RuntimeWarning, stacklevel=3)
+    return True
+
+
+def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target: torch.Tensor, *,
+                gamma: float = 0.99) -> torch.Tensor:
+    """In-place EMA of ``emb`` (N, D) rows into ``bank`` (L, S, D) at the ring pointers ``ptr`` (L,)
+    of their classes ``target`` (N,), one launch; bit-for-bit the sequential loop.  Returns ``bank``."""
+    if _cuda_unavailable(bank):
+        from .ref.ema import ema_update_ as reference
+        return reference(bank, ptr, emb, target, gamma=gamma)
+    torch.ops.rca_fast.ema_update_(bank, ptr, emb, target, float(gamma))
+    return bank
+
+
+def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4, seed: int = 0,
+           init: str = "k-means++", n_init: int = 1):
+    """Batched k-means of ``points`` (L, S, D) or (S, D): centroids (L, K, D) in the points' dtype,
+    labels (L, S) int64, inertia (L,) (float64 for float64 points, else float32)."""
+    if _cuda_unavailable(points):
+        from .ref.kmeans import kmeans as reference
+        return reference(points, k, iters=iters, tol=tol, seed=seed, init=init, n_init=n_init)
+    squeeze = points.dim() == 2
+    batched = points.unsqueeze(0) if squeeze else points
+    centroids, labels, inertia = torch.ops.rca_fast.kmeans(
+        batched, int(k), int(iters), float(tol), int(seed), init == "random", int(n_init))
+    if squeeze:
+        return centroids[0], labels[0], inertia[0]
+    return centroids, labels, inertia
