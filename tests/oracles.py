@@ -60,7 +60,8 @@ def masked_average_pool(features: torch.Tensor, cams: torch.Tensor,
                 for h, w in pixels:
                     acc += f[b][d][h][w]
                 emb[b][l][d] = acc / len(pixels)
-    return torch.tensor(emb, dtype=torch.float64).reshape(B, L, D), torch.tensor(count, dtype=torch.int64).reshape(B, L)
+    return (torch.tensor(emb, dtype=torch.float64).reshape(B, L, D),
+            torch.tensor(count, dtype=torch.int64).reshape(B, L))
 
 
 # --------------------------------------------------------------------------- bank NCE (eq. 4)
@@ -180,7 +181,8 @@ def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target
 
 
 # --------------------------------------------------------------------------- k-means helpers
-def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> Tuple[List[List[float]], List[List[float]]]:
+def nearest_centroid(points: torch.Tensor,
+                     centroids: torch.Tensor) -> Tuple[List[List[List[float]]], List[List[float]]]:
     """For (L, S, D) points and (L, K, D) centroids: per point, the squared distance to every
     centroid (L, S, K) as nested lists, and its minimum (L, S)."""
     x = _as_floats(points)

@@ -89,7 +89,8 @@ def test_forcing_a_backend_the_op_lacks_falls_back_to_torch(forced, op, fresh_di
 
 def test_forcing_a_backend_the_op_lacks_runs_the_reference(fresh_dispatch, gen):
     fresh_dispatch.setenv(_dispatch.ENV_VAR, "cuda")
-    query, key, value = torch.randn(2, 5, 6, generator=gen), torch.randn(3, 6, generator=gen), torch.randn(3, 4, generator=gen)
+    query = torch.randn(2, 5, 6, generator=gen)
+    key, value = torch.randn(3, 6, generator=gen), torch.randn(3, 4, generator=gen)
     assert torch.equal(ops.prototype_attention(query, key, value), ref.prototype_attention(query, key, value))
 
 
@@ -99,7 +100,8 @@ def test_forcing_cuda_without_the_extension_says_why(op, fresh_dispatch, gen):
     fresh_dispatch.setenv(_dispatch.ENV_VAR, "cuda")
     bank, ptr = torch.randn(3, 4, 5, generator=gen), torch.zeros(3, dtype=torch.long)
     before = bank.clone()
-    with pytest.raises(RuntimeError, match=rf"{_dispatch.ENV_VAR}=cuda.*{op}.*cannot be loaded.*ModuleNotFoundError"):
+    why = rf"{_dispatch.ENV_VAR}=cuda.*{op}.*cannot be loaded.*ModuleNotFoundError"
+    with pytest.raises(RuntimeError, match=why):
         if op == "ema_update_":
             ops.ema_update_(bank, ptr, torch.randn(2, 5, generator=gen), torch.tensor([0, 2]))
         else:
