@@ -29,10 +29,10 @@ def make_output(B, L, gen, contrast=True):
     return RCAOutput(logits, torch.zeros(B, L, 1, 1), coarse, torch.zeros(B, L, 1, 1), contrast_loss=c)
 
 
-@pytest.mark.parametrize("B,L", [(2, 3), (5, 80)], ids=lambda v: str(v))
+@pytest.mark.parametrize("B,L", [(2, 3), (5, 80)], ids=["B2-L3", "B5-L80"])
 @pytest.mark.parametrize("epoch,coarse_w,contrast_w,start", [
     (1, 0.4, 0.01, 2), (2, 0.4, 0.01, 2), (7, 0.4, 0.01, 2), (2, 0.25, 0.3, 3), (3, 0.0, 1.0, 3),
-], ids=lambda v: str(v))
+], ids=["epoch1", "epoch2", "epoch7", "epoch2-w0.25-0.3-start3", "epoch3-w0-1-start3"])
 def test_rca_loss_against_hand_computation(B, L, epoch, coarse_w, contrast_w, start, gen):
     out = make_output(B, L, gen)
     labels = (torch.rand(B, L, generator=gen) < 0.3).double()

@@ -75,7 +75,7 @@ def oracle_contrast(rows, bank, B, tau, partner=None, weight=None):
 
 @pytest.mark.parametrize("backbone,B,L,H,W", [
     ("vgg16", 2, 3, 64, 64), ("resnet50", 2, 3, 64, 64), ("tiny", 2, 20, 97, 61), ("tiny", 3, 1, 16, 23),
-], ids=lambda v: str(v))
+], ids=["vgg16-B2-L3-64x64", "resnet50-B2-L3-64x64", "tiny-B2-L20-97x61", "tiny-B3-L1-16x23"])
 def test_forward_backward_every_backbone(backbone, B, L, H, W, gen):
     model = RCAModel(L, backbone=backbone, bank_slots=7, prototypes=3)
     model.refresh_prototypes(seed=1)
@@ -116,7 +116,7 @@ def test_inference_and_eval_mode(gen):
 
 # ----------------------------------------------------------------------------- heads
 
-@pytest.mark.parametrize("L,D,W", [(3, 60, 12), (1, 8, 5)], ids=lambda v: str(v))
+@pytest.mark.parametrize("L,D,W", [(3, 60, 12), (1, 8, 5)], ids=["L3-D60-W12", "L1-D8-W5"])
 def test_per_class_head_equals_separate_branches(L, D, W, gen):
     head = PerClassCAMHead(D, W, L).double()
     x = torch.randn(2, D, 7, 13, generator=gen, dtype=torch.float64)
@@ -180,7 +180,7 @@ def test_shared_vs_per_class_final_head(gen):
 # ----------------------------------------------------------------------------- region contrast
 
 @pytest.mark.parametrize("B,L,S,D,h,w", [(2, 4, 5, 60, 7, 13), (3, 80, 1, 12, 5, 6)],
-                         ids=lambda v: str(v))
+                         ids=["B2-L4-S5-D60-HW7x13", "B3-L80-S1-D12-HW5x6"])
 @pytest.mark.parametrize("mixup", [True, False], ids=["mixup", "plain"])
 def test_region_contrast_against_loop(B, L, S, D, h, w, mixup, gen):
     f64 = dict(generator=gen, dtype=torch.float64)
