@@ -183,9 +183,10 @@ def _sum_splits_kernel(part_ptr, dk_ptr, dv_ptr, splits, P, D, DV, INTERP_BF16: 
 
 
 _SCORES_CONFIGS = [
+    # A P block of 256 reads each chunk of q and dO once per program for P <= 256 (RCA: 200).
     triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_D=64, BLOCK_DV=64), num_warps=4, num_stages=2),
-    triton.Config(dict(BLOCK_M=128, BLOCK_P=64, BLOCK_D=64, BLOCK_DV=64), num_warps=8, num_stages=2),
-    triton.Config(dict(BLOCK_M=64, BLOCK_P=32, BLOCK_D=128, BLOCK_DV=128), num_warps=4, num_stages=2),
+    triton.Config(dict(BLOCK_M=64, BLOCK_P=128, BLOCK_D=64, BLOCK_DV=64), num_warps=8, num_stages=2),
+    triton.Config(dict(BLOCK_M=64, BLOCK_P=256, BLOCK_D=64, BLOCK_DV=64), num_warps=8, num_stages=2),
     triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_D=128, BLOCK_DV=128), num_warps=8, num_stages=2),
 ]
 _scores_tuned = triton.autotune(
