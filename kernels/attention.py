@@ -98,6 +98,17 @@ def on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
+# Below this many rows the first config of a list (clamped to the shape) is launched directly:
+# autotuning would cost more compile and benchmark time than it could save.
+AUTOTUNE_MIN_ROWS = 4096
+
+
+def fixed_launch(config, sizes: Dict[str, int], caps: Dict[str, str]) -> dict:
+    """``config``'s blocks clamped like ``clamp_configs`` does, with its num_warps / num_stages."""
+    cfg = clamp_configs([config], sizes, caps)[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def clamp_configs(configs, named_args, caps: Dict[str, str]):
     """Autotune pruning: shrink each config's blocks named in ``caps`` (block -> size argument) to
     the padded size they tile, and drop the duplicates this makes (a 512-wide Dv tile for Dv=44
@@ -223,11 +234,11 @@ _FWD_CONFIGS = [
 ]
 # (ptxas for sm_90a, bf16, D = Dv = 512: 174-252 registers a thread and no spills for every config.)
 
+_FWD_CAPS = {"BLOCK_DV": "DV", "BLOCK_D": "D", "BLOCK_P": "P"}
 _attn_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=["P", "D", "DV", "PRECISION"],
     prune_configs_by={"early_config_prune":
-                      lambda configs, named_args, **kw: clamp_configs(
-                          configs, named_args, {"BLOCK_DV": "DV", "BLOCK_D": "D", "BLOCK_P": "P"})},
+                      lambda configs, named_args, **kw: clamp_configs(configs, named_args, _FWD_CAPS)},
 )(_attn_fwd_kernel)
 
 
@@ -238,7 +249,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                       blocks: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q (M, D), k (P, D), v (P, Dv) -> (out (M, Dv) in q's dtype, lse (M,) in the accumulation
     dtype).  ``blocks`` fixes the block sizes (tests); otherwise the interpreter uses
-    INTERPRET_FWD_BLOCKS and a GPU the autotuner."""
+    INTERPRET_FWD_BLOCKS and a GPU the autotuner (its first config below AUTOTUNE_MIN_ROWS rows)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     M, D = q.shape
     P, DV = v.shape
@@ -251,6 +262,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     meta = kernel_meta(q.dtype)
     if blocks is None and (INTERPRET or q.device.type != "cuda"):
         blocks = INTERPRET_FWD_BLOCKS
+    elif blocks is None and M < AUTOTUNE_MIN_ROWS:
+        blocks = fixed_launch(_FWD_CONFIGS[0], dict(P=P, D=D, DV=DV), _FWD_CAPS)
     with on_device(q.device):
         if blocks is not None:
             grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(DV, blocks["BLOCK_DV"]),)

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (INTERPRET, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc, kernel_meta,
-                        num_sms, on_device, scale_scores, split_scale)
+from .attention import (AUTOTUNE_MIN_ROWS, INTERPRET, acc_dtype, cast_rne, clamp_configs, contract_rows,
+                        dot_acc, fixed_launch, kernel_meta, num_sms, on_device, scale_scores, split_scale)
 
 INTERPRET_BWD_BLOCKS = dict(
     scores=dict(BLOCK_M=16, BLOCK_P=16, BLOCK_D=16, BLOCK_DV=16),
@@ -189,10 +189,11 @@ _SCORES_CONFIGS = [
     triton.Config(dict(BLOCK_M=64, BLOCK_P=256, BLOCK_D=64, BLOCK_DV=64), num_warps=8, num_stages=2),
     triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_D=128, BLOCK_DV=128), num_warps=8, num_stages=2),
 ]
+_SCORES_CAPS = {"BLOCK_P": "P", "BLOCK_D": "D", "BLOCK_DV": "DV"}
 _scores_tuned = triton.autotune(
     configs=_SCORES_CONFIGS, key=["P", "D", "DV", "PRECISION"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: clamp_configs(
-        configs, named_args, {"BLOCK_P": "P", "BLOCK_D": "D", "BLOCK_DV": "DV"})},
+    prune_configs_by={"early_config_prune":
+                      lambda configs, named_args, **kw: clamp_configs(configs, named_args, _SCORES_CAPS)},
 )(_attn_bwd_scores_kernel)
 
 
@@ -220,6 +221,9 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     meta = kernel_meta(q.dtype)
     if blocks is None and (INTERPRET or q.device.type != "cuda"):
         blocks = INTERPRET_BWD_BLOCKS
+    elif blocks is None and M < AUTOTUNE_MIN_ROWS:
+        blocks = dict(scores=fixed_launch(_SCORES_CONFIGS[0], dict(P=P, D=D, DV=DV), _SCORES_CAPS),
+                      grads=GPU_GRADS_BLOCKS[q.element_size()])
 
     with on_device(q.device):
         return _launch_backward(grad_out, q, k, v, out, lse, hi, lo, meta, blocks)

@@ -104,12 +104,29 @@ BWD_BLOCKS = [dict(scores=dict(BLOCK_M=32, BLOCK_P=16, BLOCK_D=64, BLOCK_DV=32),
                    grads=dict(BLOCK_M_Q=16, BLOCK_P_Q=16, BLOCK_N_Q=64, BLOCK_M_R=16, BLOCK_P_R=64, BLOCK_N_R=16, splits=3))]
 
 
-@pytest.mark.parametrize("variant", [0, 1], ids=["fullDv-wide", "narrowDv-wideP"])
+def gpu_small_m_blocks(P, D, Dv, element_size):
+    """The blocks a GPU launches below AUTOTUNE_MIN_ROWS rows (first configs, clamped)."""
+    sizes = dict(P=P, D=D, DV=Dv)
+    return (kattn.fixed_launch(kattn._FWD_CONFIGS[0], sizes, kattn._FWD_CAPS),
+            dict(scores=kattn.fixed_launch(kbwd._SCORES_CONFIGS[0], sizes, kbwd._SCORES_CAPS),
+                 grads=kbwd.GPU_GRADS_BLOCKS[element_size]))
+
+
+def test_fixed_launch_clamps_blocks_to_the_shape():
+    fwd, bwd = gpu_small_m_blocks(5, 60, 44, 8)
+    assert (fwd["BLOCK_P"], fwd["BLOCK_D"], fwd["BLOCK_DV"]) == (16, 64, 64)
+    assert fwd["BLOCK_M"] == kattn._FWD_CONFIGS[0].kwargs["BLOCK_M"] and "num_warps" in fwd
+    assert (bwd["scores"]["BLOCK_P"], bwd["scores"]["BLOCK_DV"]) == (16, 64)
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2], ids=["fullDv-wide", "narrowDv-wideP", "gpu-small-M"])
 def test_launcher_block_variants(variant, gen):
     q, k, v, g = make_inputs(1, 45, 37, 60, 44, gen)
     scale = 0.21
-    out, lse = kattn.attention_forward(q[0], k, v, scale, blocks=FWD_BLOCKS[variant])
-    dq, dk, dv = kbwd.attention_backward(g[0], q[0], k, v, out, lse, scale, blocks=BWD_BLOCKS[variant])
+    fwd_blocks, bwd_blocks = (FWD_BLOCKS[variant], BWD_BLOCKS[variant]) if variant < 2 else \
+        gpu_small_m_blocks(37, 60, 44, q.element_size())
+    out, lse = kattn.attention_forward(q[0], k, v, scale, blocks=fwd_blocks)
+    dq, dk, dv = kbwd.attention_backward(g[0], q[0], k, v, out, lse, scale, blocks=bwd_blocks)
     want = ref_grads(q, k, v, g, scale=scale)
     assert_all_close((out[None], dq[None], dk, dv), want, 1e-10)
     # lse is what the backward relies on: log of the softmax denominator.
