@@ -94,14 +94,16 @@ def test_low_precision_error_within_twice_ref(dtype, gen, triton_backend):
         assert err_ours <= 2 * err_ref + floor, f"{name}: ours {err_ours:.3g} vs ref {err_ref:.3g}"
 
 
-# Block variants of the launchers: the whole Dv in one accumulator (no recompute), wide blocks,
-# and the interpreter defaults' opposite corner (a Dv tile narrower than the P block).
+# Block variants of the launchers: (0) the whole Dv (44) in one accumulator, no recompute, two row
+# ranges for dk/dv; (1) a Dv tile narrower than a wide P block, three ragged row ranges.
 FWD_BLOCKS = [dict(BLOCK_M=32, BLOCK_P=16, BLOCK_D=32, BLOCK_DV=64),
               dict(BLOCK_M=16, BLOCK_P=64, BLOCK_D=64, BLOCK_DV=16)]
 BWD_BLOCKS = [dict(scores=dict(BLOCK_M=32, BLOCK_P=16, BLOCK_D=64, BLOCK_DV=32),
-                   grads=dict(BLOCK_M_Q=32, BLOCK_P_Q=64, BLOCK_N_Q=16, BLOCK_M_R=32, BLOCK_P_R=16, BLOCK_N_R=64, splits=2)),
+                   grads=dict(BLOCK_M_Q=32, BLOCK_P_Q=64, BLOCK_N_Q=16,
+                              BLOCK_M_R=32, BLOCK_P_R=16, BLOCK_N_R=64, splits=2)),
               dict(scores=dict(BLOCK_M=16, BLOCK_P=64, BLOCK_D=16, BLOCK_DV=64),
-                   grads=dict(BLOCK_M_Q=16, BLOCK_P_Q=16, BLOCK_N_Q=64, BLOCK_M_R=16, BLOCK_P_R=64, BLOCK_N_R=16, splits=3))]
+                   grads=dict(BLOCK_M_Q=16, BLOCK_P_Q=16, BLOCK_N_Q=64,
+                              BLOCK_M_R=16, BLOCK_P_R=64, BLOCK_N_R=16, splits=3))]
 
 
 def gpu_small_m_blocks(P, D, Dv, element_size):
