@@ -34,7 +34,7 @@ setup(
     description="Regional Semantic Contrast and Aggregation (CVPR 2022) with fused Triton/CUDA kernels",
     python_requires=">=3.10",
     packages=["rca_fast", "rca_fast.ops", "rca_fast.ref", "rca_fast.model", "rca_fast.data",
-              "rca_fast.kernels", "rca_fast.profile"],
+              "rca_fast.kernels", "rca_fast.profile", "rca_fast.utils"],
     package_dir={"rca_fast.kernels": "kernels"},
     install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm", "pillow"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],

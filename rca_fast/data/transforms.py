@@ -1,0 +1,102 @@
+"""Image transforms shared by the datasets (numpy / PIL / torch, no torchvision needed).
+
+Images move around as (H, W, 3) uint8 arrays until they are normalised with the ImageNet mean
+and std (what the public code and the torchvision backbones expect) into (3, H, W) float.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_image(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) normalised with the ImageNet mean/std."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() < 3 \
+            or images.shape[-1] != 3:
+        got = (f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor)
+               else type(images).__name__)
+        raise ValueError(f"normalize_image: images must be a uint8 (..., H, W, 3) tensor, got {got}")
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = images.float().div_(255.0).movedim(-1, -3)
+    return ((x - mean) / std).contiguous()
+
+
+def resize_long(image: np.ndarray, long_side: int) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 image so that its longer side is ``long_side`` (bilinear)."""
+    h, w = image.shape[:2]
+    scale = long_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size == (w, h):
+        return image
+    return np.array(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+def color_jitter(image: np.ndarray, rng, brightness: float = 0.3, contrast: float = 0.3,
+                 saturation: float = 0.3) -> np.ndarray:
+    """Random brightness / contrast / saturation change of an (H, W, 3) uint8 image."""
+    x = image.astype(np.float32)
+    x = x * rng.uniform(1 - brightness, 1 + brightness)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean
+    grey = x.mean(axis=2, keepdims=True)
+    x = (x - grey) * rng.uniform(1 - saturation, 1 + saturation) + grey
+    return x.clip(0, 255).astype(np.uint8)
+
+
+class TrainTransform:
+    """Training augmentation for real images, following the public code's sizes.
+
+    Resize the longer side to ``input_size`` (x a random scale in ``scale_range``), random
+    horizontal flip, colour jitter, then a random ``crop_size`` x ``crop_size`` crop, padded with
+    the mean colour (0 after normalisation) where the image is smaller.
+    Returns a (3, crop_size, crop_size) float tensor.
+    """
+
+    def __init__(self, input_size: int, crop_size: int, *, scale_range: Tuple[float, float] = (0.9, 1.1),
+                 flip: bool = True, jitter: bool = True, seed: Optional[int] = None):
+        self.input_size, self.crop_size = int(input_size), int(crop_size)
+        self.scale_range, self.flip, self.jitter = scale_range, flip, jitter
+        # the global ``random`` module by default: DataLoader re-seeds it in every worker, so
+        # workers do not repeat each other's augmentations
+        self.rng = random.Random(seed) if seed is not None else random
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        rng = self.rng
+        long_side = max(8, round(self.input_size * rng.uniform(*self.scale_range)))
+        image = resize_long(image, long_side)
+        if self.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        if self.jitter:
+            image = color_jitter(image, rng)
+        x = normalize_image(torch.from_numpy(np.ascontiguousarray(image)))
+        return random_crop_pad(x, self.crop_size, rng)
+
+
+def random_crop_pad(x: torch.Tensor, crop: int, rng) -> torch.Tensor:
+    """Random crop of a (C, H, W) tensor to (C, crop, crop), zero-padding a short side."""
+    c, h, w = x.shape
+    out = x.new_zeros(c, crop, crop)
+    # where the image is larger: pick the window; where smaller: pick where the image lands
+    sy = rng.randint(0, max(0, h - crop))
+    sx = rng.randint(0, max(0, w - crop))
+    dy = rng.randint(0, max(0, crop - h))
+    dx = rng.randint(0, max(0, crop - w))
+    hh, ww = min(h, crop), min(w, crop)
+    out[:, dy:dy + hh, dx:dx + ww] = x[:, sy:sy + hh, sx:sx + ww]
+    return out
+
+
+def scaled_size(h: int, w: int, scale: float, multiple: int = 1) -> Tuple[int, int]:
+    """(h, w) x scale rounded, at least ``multiple`` and a multiple of it."""
+    def one(n):
+        return max(multiple, int(math.ceil(n * scale / multiple)) * multiple)
+    return one(h), one(w)

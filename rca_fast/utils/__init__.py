@@ -1,0 +1,1 @@
+"""Helpers of the programs: checkpoints, CAMs, metrics, colours, logging."""

@@ -1,0 +1,167 @@
+"""Command line of ``python -m rca_fast.train``.
+
+The public RCA ``train.py`` flags keep their names and meanings (``--img_dir``, ``--train_list``,
+``--test_list``, ``--num_classes``, ``--lr``, ``--weight_decay``, ``--input_size``, ``--crop_size``,
+``--batch_size``, ``--decay_points``, ``--snapshot_dir``, ``--att_dir``, ``--epoch``,
+``--num_workers``, ``--resume``), so a user of that script switches by changing the program name.
+Flags whose default depends on the dataset are ``None`` here and filled by
+:func:`resolve_args` from :data:`DATASET_DEFAULTS`: ``--dataset voc`` / ``coco`` follow the public
+code (VGG16, 368 px, batch 8, lr 1e-3, 30 epochs, lr steps after epochs 5 and 10, 500 slots);
+the synthetic default is sized to train in a few minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+DATASET_DEFAULTS = {
+    "synthetic": dict(num_classes=6, backbone="tiny", input_size=96, crop_size=96, batch_size=16, lr=0.02,
+                      epoch=10, decay_points="8", bank_slots=64, num_workers=0, snapshot_dir="runs/synthetic",
+                      num_images=640, val_images=160),
+    "voc": dict(num_classes=20, backbone="vgg16", input_size=368, crop_size=368, batch_size=8, lr=1e-3,
+                epoch=30, decay_points="5,10", bank_slots=500, num_workers=8, snapshot_dir="runs/pascal/model",
+                num_images=0, val_images=0),
+    "coco": dict(num_classes=80, backbone="vgg16", input_size=368, crop_size=368, batch_size=8, lr=1e-3,
+                 epoch=30, decay_points="5,10", bank_slots=500, num_workers=8, snapshot_dir="runs/coco/model",
+                 num_images=0, val_images=0),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rca_fast.train",
+        description="Train RCA (regional semantic contrast and aggregation). Without arguments: the "
+                    "built-in synthetic dataset, a few minutes on a CPU, ends with the CAM mIoU.")
+    pub = p.add_argument_group("flags of the public RCA train.py (same names and meanings)")
+    pub.add_argument("--img_dir", default=None, help="image folder (default: DATA_ROOT/JPEGImages)")
+    pub.add_argument("--train_list", default=None,
+                     help="training list 'name c c ...' (0-based) or bare names with --cls-labels "
+                          "(default: DATA_ROOT/train_cls.txt, then DATA_ROOT/ImageSets/Segmentation/train_cls.txt)")
+    pub.add_argument("--test_list", default=None,
+                     help="list of images for the CAM evaluation at the end (default: DATA_ROOT/val_cls.txt, "
+                          "then .../ImageSets/Segmentation/val_cls.txt; skipped when absent)")
+    pub.add_argument("--num_classes", type=int, default=None, help="L (synthetic 6, voc 20, coco 80)")
+    pub.add_argument("--lr", type=float, default=None, help="base learning rate (voc/coco 1e-3)")
+    pub.add_argument("--weight_decay", type=float, default=5e-4)
+    pub.add_argument("--input_size", type=int, default=None,
+                     help="longer image side before cropping (voc 368); synthetic: the image size")
+    pub.add_argument("--crop_size", type=int, default=None, help="training crop (voc 368)")
+    pub.add_argument("--batch_size", type=int, default=None, help="voc 8")
+    pub.add_argument("--decay_points", type=str, default=None,
+                     help="comma-separated epochs after which the lr is multiplied by 0.1 (voc '5,10')")
+    pub.add_argument("--snapshot_dir", "--out", dest="out", default=None,
+                     help="output folder: checkpoint.pt, metrics.json, train.log")
+    pub.add_argument("--att_dir", default=None,
+                     help="if given, write the final CAM of every evaluated image and present class as "
+                          "<name>_<c>.png (grey 0-255) here, as the public code's attention maps")
+    pub.add_argument("--epoch", type=int, default=None, help="number of epochs (voc 30)")
+    pub.add_argument("--num_workers", type=int, default=None, help="data-loading processes")
+    pub.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
+    pub.add_argument("--threshold", type=float, default=None, help=argparse.SUPPRESS)  # public, unused there too
+
+    ours = p.add_argument_group("rca_fast flags")
+    ours.add_argument("--dataset", choices=sorted(DATASET_DEFAULTS), default="synthetic")
+    ours.add_argument("--data-root", default="data", help="VOC/COCO folder (JPEGImages/, SegmentationClass[Aug]/)")
+    ours.add_argument("--cls-labels", default=None, help="IRN cls_labels.npy for lists of bare names")
+    ours.add_argument("--mask-dir", default=None,
+                      help="ground-truth masks for the final CAM mIoU (default: DATA_ROOT/SegmentationClassAug "
+                           "or SegmentationClass)")
+    ours.add_argument("--backbone", choices=("vgg16", "resnet50", "tiny"), default=None,
+                      help="synthetic: tiny; voc/coco: vgg16")
+    ours.add_argument("--pretrained", default=None, help="local backbone weights (torchvision state dict)")
+    ours.add_argument("--device", default=None, help="cuda / cpu / cuda:1 (default: cuda when available)")
+    ours.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and synthetic data")
+    ours.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in all")
+    ours.add_argument("--no-contrast", dest="contrast", action="store_false", help="drop the contrast loss")
+    ours.add_argument("--no-aggregation", action="store_true", help="drop the prototype aggregation")
+    ours.add_argument("--no-mixup", dest="mixup", action="store_false", help="contrast without region mixup")
+    ours.add_argument("--aggregation", choices=("softmax", "linear"), default="softmax",
+                      help="softmax (paper) or linear (public code: scores x 2 / (K*20), no softmax)")
+    ours.add_argument("--bank-slots", type=int, default=None, help="S per class (voc 500, synthetic 64)")
+    ours.add_argument("--bank-init", choices=("randn", "zeros"), default="randn",
+                      help="initial bank slots: randn (public code) or zeros (a slot then points along its "
+                           "first embedding at once, as cosine similarity ignores the EMA's small scale)")
+    ours.add_argument("--prototypes", type=int, default=10, help="K prototypes per class")
+    ours.add_argument("--gamma", type=float, default=0.99, help="bank EMA momentum")
+    ours.add_argument("--score-threshold", type=float, default=0.7, help="bank rows need sigmoid score above")
+    ours.add_argument("--temperature", type=float, default=0.07)
+    ours.add_argument("--mixup-alpha", type=float, default=8.0)
+    ours.add_argument("--coarse-weight", type=float, default=0.4)
+    ours.add_argument("--contrast-weight", type=float, default=0.01)
+    ours.add_argument("--contrast-start-epoch", type=int, default=2, help="1-based epoch the contrast term starts")
+    ours.add_argument("--shared-final-head", action="store_true", help="one final CAM head, not one per class")
+    ours.add_argument("--num-images", type=int, default=None, help="synthetic training images (480)")
+    ours.add_argument("--val-images", type=int, default=None,
+                      help="images for the final CAM mIoU (synthetic: 160 generated; voc/coco: 0 = all)")
+    ours.add_argument("--eval-scales", default="1.0", help="scales of the final CAM evaluation")
+    ours.add_argument("--init", choices=("auto", "kaiming", "default"), default="auto",
+                      help="weight init of the model: kaiming = He-normal for every conv/linear layer "
+                           "(what a from-scratch network without normalisation needs to learn); "
+                           "auto = kaiming for the tiny backbone, the model's own init otherwise")
+    ours.add_argument("--threads", type=int, default=0,
+                      help="CPU threads for torch (0 = auto: the cores not busy with other processes)")
+    ours.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    return p
+
+
+def parse_decay_points(text: str) -> List[int]:
+    text = (text or "").strip()
+    if not text:
+        return []
+    try:
+        points = sorted(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--decay_points must be comma-separated epochs, got {text!r}") from None
+    return points
+
+
+def _first_file(*paths: str) -> Optional[str]:
+    for path in paths:
+        if path and os.path.isfile(path):
+            return path
+    return None
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill dataset-dependent defaults and check values; raises ValueError naming the flag."""
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.decay_points_list = parse_decay_points(args.decay_points)
+    for flag, value, low in (("--num_classes", args.num_classes, 1), ("--batch_size", args.batch_size, 1),
+                             ("--epoch", args.epoch, 1), ("--input_size", args.input_size, 16),
+                             ("--crop_size", args.crop_size, 16), ("--bank-slots", args.bank_slots, 1),
+                             ("--num_workers", args.num_workers, 0), ("--prototypes", args.prototypes, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.prototypes > args.bank_slots:
+        raise ValueError(f"--prototypes ({args.prototypes}) must be <= --bank-slots ({args.bank_slots})")
+    args.aggregation_mode = "none" if args.no_aggregation else args.aggregation
+    if args.dataset != "synthetic":
+        root = args.data_root
+        seg = os.path.join(root, "ImageSets", "Segmentation")
+        args.img_dir = args.img_dir or os.path.join(root, "JPEGImages")
+        if args.train_list is None:
+            args.train_list = _first_file(os.path.join(root, "train_cls.txt"), os.path.join(seg, "train_cls.txt"))
+            if args.train_list is None:
+                raise FileNotFoundError(f"no training list: give --train_list (looked for "
+                                        f"{os.path.join(root, 'train_cls.txt')} and "
+                                        f"{os.path.join(seg, 'train_cls.txt')})")
+        if args.test_list is None:
+            args.test_list = _first_file(os.path.join(root, "val_cls.txt"), os.path.join(seg, "val_cls.txt"))
+        if args.cls_labels is None and os.path.isfile(os.path.join(root, "cls_labels.npy")):
+            args.cls_labels = os.path.join(root, "cls_labels.npy")
+    return args
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return resolve_args(build_parser().parse_args(argv))
