@@ -70,8 +70,15 @@ at::Tensor row_sqnorm(const at::Tensor& rows) {
 
 // Rows idx (L, M) of each problem's points x (L, S, D) -> (L, M, D).
 at::Tensor take_points(const at::Tensor& x, const at::Tensor& idx) {
-  const int64_t L = x.size(0), D = x.size(2), M = idx.size(1);
-  return at::gather(x, 1, idx.unsqueeze(-1).expand({L, M, D}));
+  const int64_t L = x.size(0), S = x.size(1), D = x.size(2), M = idx.size(1);
+  const at::Tensor flat = (idx + at::arange(L, idx.options()).unsqueeze(1) * S).reshape({-1});
+  return x.view({L * S, D}).index_select(0, flat).view({L, M, D});
+}
+
+// tol * mean per-feature variance of each problem's points (scikit-learn's rule) -> (L,).
+at::Tensor absolute_tolerance(const at::Tensor& x, double tol) {
+  if (x.is_cuda()) return tol * at::var(x, {1}, /*unbiased=*/false, /*keepdim=*/false).mean(-1);
+  return tol * feature_variance_cpu(x);
 }
 
 // Squared distances (clamped at 0) of every point x (L, S, D) to M candidates c (L, M, D) of
@@ -148,8 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_op(const at::Tensor& point
                                        : kmeans_plusplus(x, xnorm, k, n_init, gen);
   centers = centers.contiguous();
   // scikit-learn's rule: tol times the mean per-feature variance of the problem's points.
-  const at::Tensor tol_abs = (tol * at::var(x, {1}, /*unbiased=*/false, /*keepdim=*/false).mean(-1))
-                                 .repeat_interleave(n_init).contiguous();              // (n,)
+  const at::Tensor tol_abs = absolute_tolerance(x, tol).repeat_interleave(n_init).contiguous();  // (n,)
   LloydResult res;
   if (x.is_cuda()) {
 #if defined(RCA_FAST_WITH_CUDA)

@@ -90,6 +90,8 @@ LloydResult lloyd_cuda(const at::Tensor& x, const at::Tensor& xnorm, at::Tensor&
 // Squared L2 norm of every row of the (R, D) matrix x -> (R,), in x's dtype.
 at::Tensor row_sqnorm_cpu(const at::Tensor& x);
 at::Tensor row_sqnorm_cuda(const at::Tensor& x);
+// Mean over the D features of the biased variance over the S points: (L, S, D) -> (L,).
+at::Tensor feature_variance_cpu(const at::Tensor& x);
 
 // The ops themselves (registered as rca_fast::ema_update_ and rca_fast::kmeans).
 void ema_update_op(at::Tensor& bank, at::Tensor& ptr, const at::Tensor& emb, const at::Tensor& target,

@@ -1,10 +1,12 @@
 // CPU twin of the batched Lloyd iterations (the structure of cuda/kmeans.cu).
 //
-// Each run (one problem, one of its n_init restarts) iterates on its own thread until it
-// converges, so a run that converges early costs nothing more.  Per iteration:
-//   assign   distances by ||x||^2 - 2 x.c + ||c||^2 (one small GEMM per chunk of points, into a
-//            chunk x K buffer) fused with the arg-min: no S x K distance matrix is kept;
-//   update   centre + mean offset of its points (no atomics: one thread owns the run);
+// One task per problem (parallel over problems), holding its n_init runs; the runs of a problem
+// iterate in lockstep and a run leaves as soon as it converges.  Per iteration:
+//   assign   distances by ||x||^2 - 2 x.c + ||c||^2: one GEMM per chunk of points against the
+//            centres of all of the problem's active runs (n_init * K columns: a much better GEMM
+//            than K columns alone) into a chunk-sized buffer, fused with each run's arg-min --
+//            no S x K distance matrix is kept;
+//   update   centre + mean offset of its points (no atomics: one thread owns the problem);
 //            empty clusters move to the farthest points from their centres (distinct points);
 //   converge squared centre shift <= tol * mean feature variance, or no label changed.
 #include "../rca_fast.h"
@@ -21,180 +23,244 @@
 namespace rca_fast {
 namespace {
 
-constexpr int64_t kChunk = 1024;  // points per GEMM in the assignment
+constexpr int64_t kGemmElems = 1 << 20;  // most elements of one GEMM output chunk
 
-template <typename T>
-struct Run {
-  const T* x;      // (S, D) points of the run's problem
-  const T* xnorm;  // (S,)
-  T* centers;      // (K, D) in/out
-  int64_t* labels; // (S,) out
-  int64_t S, D, K;
-};
+// The hot loops, compiled for AVX-512 and AVX2 as well as the baseline and picked at load time
+// (GCC function multi-versioning): the extension is built without -march flags.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RCA_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RCA_MULTIVERSION
+#endif
 
+#define RCA_DEFINE_LOOPS(T)                                                            \
+  RCA_MULTIVERSION T squared_norm(const T* a, int64_t D) {                             \
+    T acc = T(0);                                                                      \
+    _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < D; ++d) acc += a[d] * a[d]; \
+    return acc;                                                                        \
+  }                                                                                    \
+  RCA_MULTIVERSION T squared_distance(const T* a, const T* b, int64_t D) {             \
+    T acc = T(0);                                                                      \
+    _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < D; ++d) acc += (a[d] - b[d]) * (a[d] - b[d]); \
+    return acc;                                                                        \
+  }                                                                                    \
+  RCA_MULTIVERSION void add_offset(T* acc, const T* row, const T* c, int64_t D) {      \
+    _Pragma("omp simd") for (int64_t d = 0; d < D; ++d) acc[d] += row[d] - c[d];       \
+  }
+
+RCA_DEFINE_LOOPS(float)
+RCA_DEFINE_LOOPS(double)
+
+// The R = n_init runs of one problem.
 template <typename T>
-class LloydRun {
+class Problem {
  public:
-  explicit LloydRun(const Run<T>& run)
-      : r_(run), opts_(at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)),
-        xt_(at::from_blob(const_cast<T*>(run.x), {run.S, run.D}, opts_)),
-        gbuf_(at::empty({std::min(run.S, kChunk), run.K}, opts_)), cnorm_(run.K), mind_(run.S),
-        prev_(run.S, -1), fresh_(run.K * run.D), sums_(run.K * run.D), counts_(run.K) {}
+  Problem(const T* x, const T* xnorm, T* centers, int64_t* labels, T* inertia, const double* tol, int64_t R,
+          int64_t S, int64_t D, int64_t K)
+      : x_(x), xnorm_(xnorm), centers_(centers), labels_(labels), inertia_(inertia), tol_(tol), R_(R), S_(S), D_(D),
+        K_(K), opts_(at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)),
+        xt_(at::from_blob(const_cast<T*>(x), {S, D}, opts_)),
+        chunk_(std::max<int64_t>(1, std::min<int64_t>(S, kGemmElems / (R * K)))), cbuf_(R * K * D),
+        cnorm_(R * K), gbuf_(chunk_ * R * K), mind_(R * S), prev_(R * S, -1), fresh_(K * D), sums_(K * D),
+        counts_(K) {}
 
-  // Labels and squared distance of every point to its nearest centre.
-  void assign(int64_t* labels) {
-    const int64_t S = r_.S, D = r_.D, K = r_.K;
-    for (int64_t k = 0; k < K; ++k) {
-      double acc = 0;
-      for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(r_.centers[k * D + d]) * r_.centers[k * D + d];
-      cnorm_[k] = static_cast<T>(acc);
+  void solve(int64_t iters) {
+    std::vector<int64_t> active(R_), all(R_);
+    std::iota(all.begin(), all.end(), int64_t{0});
+    active = all;
+    for (int64_t it = 0; it < iters && !active.empty(); ++it) {
+      assign(active);
+      std::vector<int64_t> still;
+      for (const int64_t r : active) {
+        int64_t* labels = labels_ + r * S_;
+        int64_t* prev = prev_.data() + r * S_;
+        const bool changed = !std::equal(labels, labels + S_, prev);
+        const double shift = update(r);
+        std::copy(fresh_.begin(), fresh_.end(), centers_ + r * K_ * D_);
+        std::copy(labels, labels + S_, prev);
+        if (!(shift <= tol_[r] || (it > 0 && !changed))) still.push_back(r);
+      }
+      active.swap(still);
     }
-    const at::Tensor ct = at::from_blob(r_.centers, {K, D}, opts_).t();
-    for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
-      const int64_t rows = std::min(kChunk, S - s0);
-      at::Tensor g = gbuf_.narrow(0, 0, rows);
+    assign(all);
+    for (int64_t r = 0; r < R_; ++r) {  // inertia from the differences, not the expanded distances
+      double total = 0;
+      const T* c = centers_ + r * K_ * D_;
+      for (int64_t s = 0; s < S_; ++s) total += squared_distance(x_ + s * D_, c + labels_[r * S_ + s] * D_, D_);
+      inertia_[r] = static_cast<T>(total);
+    }
+  }
+
+ private:
+  // Labels and squared distance to the nearest centre of every point, for the given runs.
+  void assign(const std::vector<int64_t>& runs) {
+    const int64_t A = static_cast<int64_t>(runs.size()), S = S_, D = D_, K = K_, cols = A * K;
+    for (int64_t j = 0; j < A; ++j) {
+      const T* c = centers_ + runs[j] * K * D;
+      std::copy(c, c + K * D, cbuf_.begin() + j * K * D);
+      for (int64_t k = 0; k < K; ++k) cnorm_[j * K + k] = squared_norm(c + k * D, D);
+    }
+    const at::Tensor ct = at::from_blob(cbuf_.data(), {cols, D}, opts_).t();
+    for (int64_t s0 = 0; s0 < S; s0 += chunk_) {
+      const int64_t rows = std::min(chunk_, S - s0);
+      at::Tensor g = at::from_blob(gbuf_.data(), {rows, cols}, opts_);
       at::mm_out(g, xt_.narrow(0, s0, rows), ct);
-      const T* gp = g.data_ptr<T>();
       for (int64_t i = 0; i < rows; ++i) {
-        const T xn = r_.xnorm[s0 + i];
-        T best = std::numeric_limits<T>::infinity();
-        int64_t arg = 0;
-        for (int64_t k = 0; k < K; ++k) {  // the same expression and tie-break as the CUDA kernel
-          T dist = (xn - T(2) * gp[i * K + k]) + cnorm_[k];
-          dist = dist > T(0) ? dist : T(0);
-          if (dist < best) best = dist, arg = k;
+        const T xn = xnorm_[s0 + i];
+        const T* gi = gbuf_.data() + i * cols;
+        for (int64_t j = 0; j < A; ++j) {
+          T best = std::numeric_limits<T>::infinity();
+          int64_t arg = 0;
+          for (int64_t k = 0; k < K; ++k) {  // the expression and tie-break of the CUDA kernel
+            T dist = (xn - T(2) * gi[j * K + k]) + cnorm_[j * K + k];
+            dist = dist > T(0) ? dist : T(0);
+            if (dist < best) best = dist, arg = k;
+          }
+          labels_[runs[j] * S + s0 + i] = arg;
+          mind_[runs[j] * S + s0 + i] = best;
         }
-        labels[s0 + i] = arg;
-        mind_[s0 + i] = best;
       }
     }
   }
 
-  // New centres into fresh_; returns the squared shift from the current ones.
-  double update(const int64_t* labels) {
-    const int64_t S = r_.S, D = r_.D, K = r_.K;
+  // New centres of run r into fresh_; returns the squared shift from the current ones.
+  double update(int64_t r) {
+    const int64_t S = S_, D = D_, K = K_;
+    const int64_t* labels = labels_ + r * S;
+    const T* centers = centers_ + r * K * D;
     std::fill(sums_.begin(), sums_.end(), T(0));
     std::fill(counts_.begin(), counts_.end(), int64_t{0});
     for (int64_t s = 0; s < S; ++s) {  // offsets from the current centre lose less to rounding
       const int64_t k = labels[s];
       ++counts_[k];
-      const T* row = r_.x + s * D;
-      const T* c = r_.centers + k * D;
-      T* acc = sums_.data() + k * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] += row[d] - c[d];
+      const T* row = x_ + s * D;
+      const T* c = centers + k * D;
+      add_offset(sums_.data() + k * D, row, c, D);
     }
     int64_t empties = 0;
     for (int64_t k = 0; k < K; ++k) {
       if (counts_[k] == 0) { ++empties; continue; }
       const T count = static_cast<T>(counts_[k]);
-      for (int64_t d = 0; d < D; ++d) fresh_[k * D + d] = r_.centers[k * D + d] + sums_[k * D + d] / count;
+      for (int64_t d = 0; d < D; ++d) fresh_[k * D + d] = centers[k * D + d] + sums_[k * D + d] / count;
     }
-    if (empties > 0) reseed_empty(empties);
+    if (empties > 0) reseed_empty(r, empties);
     double shift = 0;
     for (int64_t e = 0; e < K * D; ++e) {
-      const double diff = static_cast<double>(fresh_[e]) - r_.centers[e];
+      const double diff = static_cast<double>(fresh_[e]) - centers[e];
       shift += diff * diff;
     }
     return shift;
   }
 
-  void run(int64_t iters, double tol_abs, T* inertia) {
-    const int64_t S = r_.S, D = r_.D;
-    for (int64_t it = 0; it < iters; ++it) {
-      assign(r_.labels);
-      const bool changed = !std::equal(r_.labels, r_.labels + S, prev_.begin());
-      const double shift = update(r_.labels);
-      std::copy(fresh_.begin(), fresh_.end(), r_.centers);
-      std::copy(r_.labels, r_.labels + S, prev_.begin());
-      if (shift <= tol_abs || (it > 0 && !changed)) break;
-    }
-    assign(r_.labels);
-    double total = 0;  // inertia from the differences themselves, not the expanded distances
-    for (int64_t s = 0; s < S; ++s) {
-      const T* row = r_.x + s * D;
-      const T* c = r_.centers + r_.labels[s] * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const double diff = static_cast<double>(row[d]) - c[d];
-        total += diff * diff;
-      }
-    }
-    *inertia = static_cast<T>(total);
-  }
-
- private:
-  // The r-th empty cluster (in cluster order) takes the r-th farthest point from its centre
+  // The e-th empty cluster (in cluster order) takes the e-th farthest point from its centre
   // (ties: the lower index first), as rca_fast.ref.kmeans and the CUDA kernel do.
-  void reseed_empty(int64_t empties) {
-    const int64_t S = r_.S, D = r_.D, K = r_.K;
+  void reseed_empty(int64_t r, int64_t empties) {
+    const int64_t S = S_, D = D_, K = K_;
+    const T* mind = mind_.data() + r * S;
     std::vector<int64_t> order(S);
     std::iota(order.begin(), order.end(), int64_t{0});
     std::partial_sort(order.begin(), order.begin() + empties, order.end(), [&](int64_t i, int64_t j) {
-      return mind_[i] > mind_[j] || (mind_[i] == mind_[j] && i < j);
+      return mind[i] > mind[j] || (mind[i] == mind[j] && i < j);
     });
     int64_t rank = 0;
     for (int64_t k = 0; k < K; ++k) {
       if (counts_[k] != 0) continue;
-      std::copy(r_.x + order[rank] * D, r_.x + (order[rank] + 1) * D, fresh_.begin() + k * D);
+      std::copy(x_ + order[rank] * D, x_ + (order[rank] + 1) * D, fresh_.begin() + k * D);
       ++rank;
     }
   }
 
-  Run<T> r_;
+  const T* x_;
+  const T* xnorm_;
+  T* centers_;
+  int64_t* labels_;
+  T* inertia_;
+  const double* tol_;
+  int64_t R_, S_, D_, K_;
   at::TensorOptions opts_;
-  at::Tensor xt_, gbuf_;
-  std::vector<T> cnorm_, mind_;
+  at::Tensor xt_;
+  int64_t chunk_;
+  std::vector<T> cbuf_, cnorm_, gbuf_, mind_;
   std::vector<int64_t> prev_;
   std::vector<T> fresh_, sums_;
   std::vector<int64_t> counts_;
 };
 
+template <typename T>
+void lloyd_all(const T* x, const T* xnorm, T* centers, int64_t* labels, T* inertia, const double* tol_abs,
+               int64_t L, int64_t n_init, int64_t S, int64_t D, int64_t K, int64_t iters) {
+  // One problem per task, handed out dynamically (problems converge after different iteration
+  // counts).  GEMMs called from inside this region run single-threaded (ATen and MKL see it).
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t p = l * n_init;
+    Problem<T>(x + l * S * D, xnorm + l * S, centers + p * K * D, labels + p * S, inertia + p, tol_abs + p, n_init,
+               S, D, K)
+        .solve(iters);
+  }
+}
+
+template <typename T>
+void row_sqnorm_all(const T* x, T* out, int64_t R, int64_t D) {
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) out[r] = squared_norm(x + r * D, D);
+  });
+}
+
+// Mean over features of the (biased) variance over the S points, per problem: two passes.
+template <typename T>
+void feature_variance_all(const T* x, T* out, int64_t L, int64_t S, int64_t D) {
+  at::parallel_for(0, L, 1, [&](int64_t b, int64_t e) {
+    std::vector<double> mean(D), sq(D);
+    for (int64_t l = b; l < e; ++l) {
+      const T* xl = x + l * S * D;
+      std::fill(mean.begin(), mean.end(), 0.0);
+      std::fill(sq.begin(), sq.end(), 0.0);
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t d = 0; d < D; ++d) mean[d] += xl[s * D + d];
+      for (int64_t d = 0; d < D; ++d) mean[d] /= static_cast<double>(S);
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t d = 0; d < D; ++d) {
+          const double diff = xl[s * D + d] - mean[d];
+          sq[d] += diff * diff;
+        }
+      double total = 0;
+      for (int64_t d = 0; d < D; ++d) total += sq[d] / static_cast<double>(S);
+      out[l] = static_cast<T>(total / static_cast<double>(D));
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor row_sqnorm_cpu(const at::Tensor& x) {
   const at::Tensor rows = x.contiguous();
-  const int64_t R = rows.size(0), D = rows.size(1);
-  at::Tensor out = at::empty({R}, rows.options());
+  at::Tensor out = at::empty({rows.size(0)}, rows.options());
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_sqnorm_cpu", [&] {
-    const scalar_t* src = rows.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        double acc = 0;
-        for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(src[r * D + d]) * src[r * D + d];
-        dst[r] = static_cast<scalar_t>(acc);
-      }
-    });
+    row_sqnorm_all<scalar_t>(rows.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows.size(0), rows.size(1));
   });
   return out;
 }
 
-namespace {
-
-template <typename T>
-void lloyd_all(const T* x, const T* xnorm, T* centers, int64_t* labels, T* inertia, const double* tol_abs,
-               int64_t n, int64_t n_init, int64_t S, int64_t D, int64_t K, int64_t iters) {
-  // One run per task, handed out dynamically (runs converge after different iteration counts).
-  // GEMMs called from inside this region run single-threaded (ATen and MKL see the region).
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
-  for (int64_t p = 0; p < n; ++p) {
-    const int64_t l = p / n_init;
-    LloydRun<T> run(Run<T>{x + l * S * D, xnorm + l * S, centers + p * K * D, labels + p * S, S, D, K});
-    run.run(iters, tol_abs[p], inertia + p);
-  }
+at::Tensor feature_variance_cpu(const at::Tensor& x) {
+  at::Tensor out = at::empty({x.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "feature_variance_cpu", [&] {
+    feature_variance_all<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1),
+                                   x.size(2));
+  });
+  return out;
 }
-
-}  // namespace
 
 LloydResult lloyd_cpu(const at::Tensor& x, const at::Tensor& xnorm, at::Tensor& centers,
                       const at::Tensor& tol_abs, int64_t n_init, int64_t iters) {
-  const int64_t S = x.size(1), D = x.size(2), n = centers.size(0), K = centers.size(1);
+  const int64_t L = x.size(0), S = x.size(1), D = x.size(2), n = centers.size(0), K = centers.size(1);
   at::Tensor labels = at::empty({n, S}, x.options().dtype(at::kLong));
   at::Tensor inertia = at::empty({n}, x.options());
   const at::Tensor tol = tol_abs.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lloyd_cpu", [&] {
     lloyd_all<scalar_t>(x.data_ptr<scalar_t>(), xnorm.data_ptr<scalar_t>(), centers.data_ptr<scalar_t>(),
-                        labels.data_ptr<int64_t>(), inertia.data_ptr<scalar_t>(), tol.data_ptr<double>(),
-                        n, n_init, S, D, K, iters);
+                        labels.data_ptr<int64_t>(), inertia.data_ptr<scalar_t>(), tol.data_ptr<double>(), L,
+                        n_init, S, D, K, iters);
   });
   return {labels, inertia};
 }
