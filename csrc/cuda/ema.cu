@@ -12,7 +12,6 @@
 // pointer.  Nothing else reads ptr[c] after that.
 #include "../rca_fast.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,9 +25,10 @@ constexpr int kThreads = 256;
 template <typename bank_t, typename cd_t>
 __global__ void ema_update_kernel(bank_t* __restrict__ bank, int64_t* __restrict__ ptr,
                                   const cd_t* __restrict__ rows, const int64_t* __restrict__ target,
-                                  int64_t N, int64_t S, int64_t D, cd_t a, cd_t b) {
+                                  int64_t N, int64_t L, int64_t S, int64_t D, cd_t a, cd_t b) {
   const int64_t i = blockIdx.x;
   const int64_t c = target[i];
+  CUDA_KERNEL_ASSERT(c >= 0 && c < L);  // rca_fast.ops validates; this guards direct calls
   // Rank of row i among the rows of its class, and the row count of the class.
   int64_t rank = 0, count = 0;
   for (int64_t j0 = 0; j0 < N; j0 += blockDim.x) {
@@ -67,7 +67,7 @@ __global__ void ema_update_kernel(bank_t* __restrict__ bank, int64_t* __restrict
 void ema_update_cuda(at::Tensor& bank, at::Tensor& ptr, const at::Tensor& emb, const at::Tensor& target,
                      double gamma) {
   const c10::cuda::CUDAGuard guard(bank.device());
-  const int64_t S = bank.size(1), D = bank.size(2), N = emb.size(0);
+  const int64_t L = bank.size(0), S = bank.size(1), D = bank.size(2), N = emb.size(0);
   RCA_CHECK(N < (int64_t{1} << 31), "ema_update_: at most 2^31 - 1 rows per call, got ", N);
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((D + kThreads - 1) / kThreads));
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -75,8 +75,8 @@ void ema_update_cuda(at::Tensor& bank, at::Tensor& ptr, const at::Tensor& emb, c
     using bank_t = scalar_t;
     using cd_t = std::conditional_t<std::is_same_v<bank_t, double>, double, float>;
     ema_update_kernel<bank_t, cd_t><<<grid, kThreads, 0, stream>>>(
-        bank.data_ptr<bank_t>(), ptr.data_ptr<int64_t>(), emb.data_ptr<cd_t>(), target.data_ptr<int64_t>(), N, S,
-        D, static_cast<cd_t>(gamma), static_cast<cd_t>(1.0 - gamma));
+        bank.data_ptr<bank_t>(), ptr.data_ptr<int64_t>(), emb.data_ptr<cd_t>(), target.data_ptr<int64_t>(), N, L,
+        S, D, static_cast<cd_t>(gamma), static_cast<cd_t>(1.0 - gamma));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

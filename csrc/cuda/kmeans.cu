@@ -16,7 +16,10 @@
 // The host checks once per iteration whether any run is still active.
 #include "../rca_fast.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,6 +36,8 @@ constexpr int kTileCenters = 16;   // centres per chunk (one per lane of a half 
 constexpr int kTileFeatures = 32;  // features per shared-memory stage
 constexpr int kAssignThreads = 256;
 constexpr int kPointsPerThread = kTilePoints / (kAssignThreads / kTileCenters);  // 4
+static_assert(kTileCenters == 16 && kPointsPerThread * (kAssignThreads / kTileCenters) == kTilePoints,
+              "assign_kernel maps a half warp to the centres of a chunk and 4 points to a thread");
 constexpr int kFinalizeThreads = 256;
 constexpr int kSmemLimit = 48 * 1024;
 
@@ -121,7 +126,7 @@ __global__ void partial_kernel(const T* __restrict__ x, const T* __restrict__ ce
                                const int64_t* __restrict__ labels, const uint8_t* __restrict__ active,
                                T* __restrict__ partial, T* __restrict__ scratch, int64_t S, int64_t D, int64_t K,
                                int64_t n_init, int64_t points_per_split) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t p = blockIdx.x;
   if (!active[p]) return;
   const int lane = threadIdx.x, w = threadIdx.y, warps = blockDim.y;
