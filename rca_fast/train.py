@@ -121,6 +121,11 @@ def build_datasets(args):
         val = VOCSegmentation(args.test_list, args.img_dir, args.num_classes, mask_dir=mask_dir,
                               long_side=args.input_size, cls_labels=args.cls_labels,
                               max_images=args.val_images or None)
+        if any(label is None for label in val.labels):
+            # CAMs are scored for the tagged classes: without tags there is nothing to score
+            print(f"{args.test_list} has images without class tags (give the 'name c c ...' format or "
+                  f"--cls-labels): CAM evaluation skipped", file=sys.stderr)
+            val = None
     return train, val, list(names)
 
 
@@ -351,8 +356,11 @@ class Trainer:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     """Parse ``argv`` (default: sys.argv[1:]), train, evaluate; returns the metrics dict."""
     args = parse_args(argv)
-    trainer = Trainer(args)
-    return trainer.fit()
+    threads = torch.get_num_threads()
+    try:
+        return Trainer(args).fit()
+    finally:
+        torch.set_num_threads(threads)  # the trainer may lower it on a busy CPU; leave callers as they were
 
 
 if __name__ == "__main__":

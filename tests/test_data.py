@@ -214,3 +214,14 @@ def test_export_voc_roundtrip(tmp_path):
     assert np.array_equal(mask, syn.masks[1])
     rows = write_class_list(str(tmp_path / "SegmentationClass"), syn.names, str(tmp_path / "re.txt"), 5)
     assert [sorted(c) for _, c in rows] == [np.flatnonzero(l).tolist() for l in syn.labels]
+
+
+def test_data_cli_class_list(tmp_path, capsys):
+    from rca_fast.data.__main__ import main as data_main
+
+    _write_voc(tmp_path, [("a", [4]), ("b", [0, 9])])
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    data_main(["class-list", "--data-root", str(tmp_path), "--names", "names.txt", "--out", str(tmp_path / "o.txt")])
+    assert (tmp_path / "o.txt").read_text() == "a 4\nb 0 9\n"
+    data_main(["synthetic", "--out", str(tmp_path / "syn"), "--train", "2", "--val", "1", "--image-size", "32"])
+    assert (tmp_path / "syn" / "JPEGImages" / "syn_val_00000.jpg").is_file()

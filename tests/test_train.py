@@ -18,6 +18,14 @@ TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-
 SYN = TINY + ["--num-images", "8", "--val-images", "3"]  # 2 steps per epoch
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """Trainers built directly set torch's CPU threads: restore them for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_synthetic_smoke_writes_checkpoint_and_metrics(tmp_path):
     att = tmp_path / "att"
     metrics = main(SYN + ["--epoch", "2", "--out", str(tmp_path), "--att_dir", str(att)])

@@ -15,7 +15,6 @@ hidden by others is marked ignore and left out of the tags).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from typing import Dict, List, Sequence, Tuple
@@ -288,22 +287,3 @@ def export_voc(root: str, *, train: int = 200, val: int = 50, num_classes: int =
             f.write("\n".join(ds.names) + "\n")
         paths[f"{split}_list"] = list_path
     return paths
-
-
-def _main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic dataset as a VOC-format folder.")
-    parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--train", type=int, default=200)
-    parser.add_argument("--val", type=int, default=50)
-    parser.add_argument("--num-classes", type=int, default=6)
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    paths = export_voc(args.out, train=args.train, val=args.val, num_classes=args.num_classes,
-                       image_size=args.image_size, seed=args.seed)
-    print("wrote", ", ".join(f"{k}={v}" for k, v in paths.items()))
-    print("classes:", ", ".join(f"{i}={n}" for i, n in enumerate(class_names(args.num_classes))))
-
-
-if __name__ == "__main__":
-    _main()

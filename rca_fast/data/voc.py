@@ -8,12 +8,11 @@ names stored as strings or as IRN's integers, 2007_000032 -> 2007000032).
 A missing or unreadable file raises an error naming it.
 
 ``write_class_list`` writes the public list format from the segmentation masks:
-``python -m rca_fast.data.voc --data-root VOC2012 --names ImageSets/Segmentation/train.txt
---out train_cls.txt``.
+``python -m rca_fast.data class-list --data-root VOC2012 --names ImageSets/Segmentation/train.txt
+--out VOC2012/train_cls.txt``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -251,26 +250,3 @@ class VOCSegmentation(Dataset):
                                  f"{self.paths[index]} is {raw.shape[:2]}")
             item["mask"] = torch.from_numpy(mask).long()
         return item
-
-
-def _main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write a class list (name c c ..., 0-based) from masks.")
-    parser.add_argument("--data-root", required=True, help="VOC folder holding SegmentationClass[Aug]/")
-    parser.add_argument("--names", required=True, help="file with one image name per line (first token)")
-    parser.add_argument("--out", required=True, help="list file to write")
-    parser.add_argument("--num-classes", type=int, default=20)
-    parser.add_argument("--mask-dir", default=None, help="mask folder (default: found under --data-root)")
-    args = parser.parse_args(argv)
-    mask_dir = args.mask_dir or find_mask_dir(args.data_root)
-    if mask_dir is None:
-        raise DataFileError(f"no SegmentationClassAug/ or SegmentationClass/ under {args.data_root}")
-    names_path = args.names
-    if not os.path.isfile(names_path) and os.path.isfile(os.path.join(args.data_root, names_path)):
-        names_path = os.path.join(args.data_root, names_path)
-    names = [n for n, _ in read_class_list(names_path, args.num_classes)]
-    rows = write_class_list(mask_dir, names, args.out, args.num_classes)
-    print(f"wrote {len(rows)} images to {args.out}")
-
-
-if __name__ == "__main__":
-    _main()
