@@ -42,8 +42,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def class_names(num_classes: int, given: Optional[str] = None) -> List[str]:
-    """Background + foreground names (VOC for 21 classes, COCO for 81, else 'class k')."""
+def _names_from_infer(pred: str, num_fg: int) -> Optional[List[str]]:
+    """Class names recorded by rca_fast.infer in ``infer.json`` next to (or above) ``pred``."""
+    for folder in (pred, os.path.dirname(os.path.normpath(pred))):
+        path = os.path.join(folder, "infer.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    names = json.load(f).get("class_names") or []
+            except (OSError, ValueError):
+                return None
+            return list(names) if len(names) == num_fg else None
+    return None
+
+
+def class_names(num_classes: int, given: Optional[str] = None, pred: Optional[str] = None) -> List[str]:
+    """Background + foreground names: ``given``, else those infer recorded, else VOC for 21
+    classes, COCO for 81, else 'class k'."""
+    if not given and pred:
+        found = _names_from_infer(pred, num_classes - 1)
+        if found:
+            return ["background"] + found
     if given:
         names = [n.strip() for n in given.split(",")]
         if len(names) != num_classes - 1:
@@ -150,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise DataFileError(f"ground-truth folder not found: {args.gt}")
     metrics = evaluate(args.pred, args.gt, names, args.num_classes, kind=args.type,
                        bg_threshold=args.bg_threshold, progress=args.progress)
-    labels = class_names(args.num_classes, args.class_names)
+    labels = class_names(args.num_classes, args.class_names, args.pred)
     metrics["class_names"] = labels
     os.makedirs(args.out, exist_ok=True)
     header = f"{metrics['images']} images, {metrics['type']} predictions from {metrics['pred_dir']}"

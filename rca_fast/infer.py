@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import SyntheticShapes, VOCSegmentation
-from .train import build_model
+from .train import build_model, collate, cpu_threads
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales, present_classes
 from .utils.checkpoint import load_checkpoint
 from .utils.metrics import cam_to_label
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=None, help="synthetic: images of the split (default: "
                    "the training run's --val-images); voc/coco: process only the first N")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per forward for same-size images (synthetic); real images go one by one")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = auto: the free cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -95,6 +98,21 @@ def _dataset(args, train_args: dict, num_classes: int):
     return ds, ds
 
 
+def write_outputs(args, name: str, cams: np.ndarray, keys: np.ndarray, source, index: int,
+                  synthetic: bool) -> None:
+    """cams/<name>.npy, pseudo/<name>.png, and gt/ (synthetic) and overlays/ (asked) of one image."""
+    np.save(os.path.join(args.out, "cams", name + ".npy"), {"keys": keys, "high_res": cams})
+    label = cam_to_label(cams, keys, args.bg_threshold)
+    if args.ignore_margin > 0 and keys.size:
+        label[np.abs(cams.max(axis=0) - args.bg_threshold) < args.ignore_margin] = 255
+    save_label_png(os.path.join(args.out, "pseudo", name + ".png"), label)
+    if synthetic:
+        save_label_png(os.path.join(args.out, "gt", name + ".png"), source.masks[index])
+    if args.overlays:
+        Image.fromarray(overlay_strip(source.raw_image(index), cams, label)).save(
+            os.path.join(args.out, "overlays", name + ".jpg"), quality=90)
+
+
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state = load_checkpoint(args.checkpoint, map_location="cpu")
@@ -115,33 +133,29 @@ def run(args) -> dict:
     dirs = ["cams", "pseudo"] + (["overlays"] if args.overlays else []) + (["gt"] if synthetic else [])
     for d in dirs:
         os.makedirs(os.path.join(args.out, d), exist_ok=True)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(args.threads))
+    batch_size = max(1, args.batch_size) if synthetic else 1  # real images differ in size
     lines = []
-    for i in tqdm(range(len(items)), desc="CAMs", disable=not args.progress, dynamic_ncols=True):
-        item = items[i]
-        name, index = item["name"], item["index"]
-        image = item["image"].unsqueeze(0).to(device)
-        size = tuple(item["size"]) if "size" in item else tuple(image.shape[-2:])
-        cams, logits = multiscale_cams(model, image, scales=scales, flip=args.flip, out_size=size)
-        keys = present_classes(item.get("label"), logits[0].cpu())
-        cams = normalise_cams(cams)[0, keys].cpu().numpy().astype(np.float32)
-        keys = np.asarray(keys, np.int64)
-        np.save(os.path.join(args.out, "cams", name + ".npy"), {"keys": keys, "high_res": cams})
-        label = cam_to_label(cams, keys, args.bg_threshold)
-        if args.ignore_margin > 0 and keys.size:
-            label[np.abs(cams.max(axis=0) - args.bg_threshold) < args.ignore_margin] = 255
-        save_label_png(os.path.join(args.out, "pseudo", name + ".png"), label)
-        if synthetic:
-            save_label_png(os.path.join(args.out, "gt", name + ".png"), source.masks[index])
-        if args.overlays:
-            raw = source.raw_image(index)
-            Image.fromarray(overlay_strip(raw, cams, label)).save(os.path.join(args.out, "overlays", name + ".jpg"),
-                                                                  quality=90)
-        lines.append(" ".join([name] + [str(int(c)) for c in keys]))
+    bar = tqdm(total=len(items), desc="CAMs", disable=not args.progress, dynamic_ncols=True)
+    for first in range(0, len(items), batch_size):
+        batch = collate([items[i] for i in range(first, min(first + batch_size, len(items)))])
+        images = batch["image"].to(device)
+        size = tuple(batch["size"][0]) if "size" in batch else tuple(images.shape[-2:])
+        cams_all, logits = multiscale_cams(model, images, scales=scales, flip=args.flip, out_size=size)
+        cams_all = normalise_cams(cams_all).cpu().numpy()
+        for j, (name, index) in enumerate(zip(batch["name"], batch["index"])):
+            keys = np.asarray(present_classes(batch["label"][j], logits[j].cpu()), np.int64)
+            write_outputs(args, name, cams_all[j, keys].astype(np.float32), keys, source, index, synthetic)
+            lines.append(" ".join([name] + [str(int(c)) for c in keys]))
+        bar.update(len(batch["name"]))
+    bar.close()
     with open(os.path.join(args.out, "list.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     summary = {"checkpoint": args.checkpoint, "dataset": args.dataset, "images": len(lines),
                "scales": list(scales), "flip": bool(args.flip), "bg_threshold": args.bg_threshold,
-               "ignore_margin": args.ignore_margin, "num_classes": num_classes, "device": str(device)}
+               "ignore_margin": args.ignore_margin, "num_classes": num_classes, "device": str(device),
+               "class_names": list(state.get("class_names") or [])}
     with open(os.path.join(args.out, "infer.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"wrote CAMs and pseudo labels of {len(lines)} images to {args.out} "
@@ -150,7 +164,11 @@ def run(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    return run(build_parser().parse_args(argv))
+    threads = torch.get_num_threads()
+    try:
+        return run(build_parser().parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ def test_infer_synthetic_then_evaluate(synthetic_checkpoint, tmp_path):
     metrics = evaluate_mod.main(["--pred", str(out / "cams"), "--gt", str(out / "gt"), "--list",
                                  str(out / "list.txt"), "--num-classes", "5", "--out", str(ev), "--no-progress"])
     assert 0 <= metrics["miou"] <= 1 and "best_threshold" in metrics
+    assert metrics["class_names"] == ["background"] + ds.class_names  # read from infer.json
 
 
 def test_infer_voc_folder(tmp_path):
