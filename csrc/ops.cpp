@@ -94,23 +94,40 @@ at::Tensor per_run(const at::Tensor& d, int64_t n_init, int64_t M) {
   return d.view({L, S, n_init, M}).permute({0, 2, 1, 3}).reshape({L * n_init, S, M});
 }
 
-// Greedy k-means++ (2 + ln k candidates per step, the lowest potential wins) of n runs at once.
+}  // namespace
+
+int64_t plusplus_trials(int64_t k) { return 2 + static_cast<int64_t>(std::log(static_cast<double>(k))); }
+
+PlusPlusDraws draw_plusplus(int64_t n, int64_t S, int64_t k, at::Generator& gen) {
+  // rca_fast.ref.kmeans draws randint(S, (n,)) first, then rand((n, T), float64) once per step;
+  // nothing else uses the generator in between, so drawing them all here gives the same numbers.
+  const int64_t trials = plusplus_trials(k);
+  PlusPlusDraws out;
+  out.first = at::randint(S, {n}, gen, at::TensorOptions().dtype(at::kLong));
+  std::vector<at::Tensor> steps;
+  for (int64_t j = 1; j < k; ++j) steps.push_back(at::rand({n, trials}, gen, at::TensorOptions().dtype(at::kDouble)));
+  out.uniform = steps.empty() ? at::empty({0, n, trials}, at::kDouble) : at::stack(steps, 0);  // (k-1, n, T)
+  return out;
+}
+
+namespace {
+
+// Greedy k-means++ (2 + ln k candidates per step, the lowest potential wins) of n runs at once,
+// in batched ATen ops (the CUDA path; the CPU twin runs the same steps per problem in C++).
 at::Tensor kmeans_plusplus(const at::Tensor& x, const at::Tensor& xnorm, int64_t k, int64_t n_init,
-                           at::Generator& gen) {
+                           const PlusPlusDraws& draws) {
   const int64_t L = x.size(0), S = x.size(1), D = x.size(2), n = L * n_init;
-  const int64_t trials = 2 + static_cast<int64_t>(std::log(static_cast<double>(k)));
+  const int64_t trials = plusplus_trials(k);
   const auto dev = x.device();
-  const auto cpu_long = at::TensorOptions().dtype(at::kLong);
-  const auto cpu_double = at::TensorOptions().dtype(at::kDouble);
-  const at::Tensor first = at::randint(S, {n}, gen, cpu_long).to(dev);
+  const at::Tensor first = draws.first.to(dev);
+  const at::Tensor uniform = draws.uniform.to(dev);
   at::Tensor c0 = take_points(x, first.view({L, n_init}));                         // (L, n_init, D)
   std::vector<at::Tensor> centers{c0.reshape({n, D})};
   at::Tensor closest = per_run(sq_distances(x, xnorm, c0), n_init, 1).squeeze(-1);  // (n, S)
-  const at::Tensor runs = at::arange(n, cpu_long.device(dev));
+  const at::Tensor runs = at::arange(n, first.options());
   for (int64_t j = 1; j < k; ++j) {
     const at::Tensor pot = closest.sum(-1, /*keepdim=*/true);                       // (n, 1)
-    const at::Tensor draws = at::rand({n, trials}, gen, cpu_double).to(dev);
-    const at::Tensor targets = (draws * pot).to(x.scalar_type()).contiguous();
+    const at::Tensor targets = (uniform[j - 1] * pot).to(x.scalar_type()).contiguous();
     const at::Tensor cand = at::searchsorted(closest.cumsum(-1).contiguous(), targets).clamp_max_(S - 1);
     const at::Tensor cand_pts = take_points(x, cand.view({L, n_init * trials}));   // (L, n_init*T, D)
     const at::Tensor d = per_run(sq_distances(x, xnorm, cand_pts), n_init, trials);  // (n, S, T)
@@ -151,9 +168,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_op(const at::Tensor& point
   }
   const at::Tensor xnorm = row_sqnorm(x.view({L * S, D})).view({L, S});
   at::Generator gen = at::detail::createCPUGenerator(static_cast<uint64_t>(seed));
-  at::Tensor centers = use_random_init ? random_init(x, k, n_init, gen)
-                                       : kmeans_plusplus(x, xnorm, k, n_init, gen);
-  centers = centers.contiguous();
+  PlusPlusDraws draws;
+  at::Tensor centers;
+  if (use_random_init) {
+    centers = random_init(x, k, n_init, gen).contiguous();
+  } else {
+    draws = draw_plusplus(n, S, k, gen);
+    // The CPU twin seeds inside its per-problem tasks (one thread pool for the whole k-means).
+    centers = x.is_cuda() ? kmeans_plusplus(x, xnorm, k, n_init, draws).contiguous()
+                          : at::empty({n, k, D}, x.options());
+  }
   // scikit-learn's rule: tol times the mean per-feature variance of the problem's points.
   const at::Tensor tol_abs = absolute_tolerance(x, tol).repeat_interleave(n_init).contiguous();  // (n,)
   LloydResult res;
@@ -164,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_op(const at::Tensor& point
     RCA_CHECK(false, "kmeans: rca_fast._C was built without CUDA");
 #endif
   } else {
-    res = lloyd_cpu(x, xnorm, centers, tol_abs, n_init, iters);
+    res = lloyd_cpu(x, xnorm, centers, tol_abs, n_init, iters, use_random_init ? nullptr : &draws);
   }
   at::Tensor labels = res.labels, inertia = res.inertia;
   if (n_init > 1) {  // keep each problem's best run (the first of equal ones)
@@ -174,7 +198,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_op(const at::Tensor& point
     labels = labels.index_select(0, best);
     inertia = inertia.index_select(0, best);
   }
-  (void)n;
   return {centers.to(points.scalar_type()), labels, inertia};
 }
 

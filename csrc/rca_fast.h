@@ -10,6 +10,7 @@
 // breaks, empty-cluster re-seeding, convergence test), so CI checks the logic on the CPU twin.
 #pragma once
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -82,8 +83,19 @@ struct LloydResult {
   at::Tensor labels;
   at::Tensor inertia;
 };
+// The random numbers of greedy k-means++ for n runs, drawn on the host in rca_fast.ref's order:
+// first (n,) int64 the first centre of each run; uniform (k-1, n, T) float64 the draws of each
+// later step, T = 2 + floor(ln k) candidates.
+struct PlusPlusDraws {
+  at::Tensor first;
+  at::Tensor uniform;
+};
+int64_t plusplus_trials(int64_t k);
+PlusPlusDraws draw_plusplus(int64_t n, int64_t S, int64_t k, at::Generator& gen);
+// With `plusplus` given, the CPU twin seeds the runs itself (k-means++ inside its per-problem
+// tasks) and `centers` is only written; otherwise `centers` holds the initial centres.
 LloydResult lloyd_cpu(const at::Tensor& x, const at::Tensor& xnorm, at::Tensor& centers,
-                      const at::Tensor& tol_abs, int64_t n_init, int64_t iters);
+                      const at::Tensor& tol_abs, int64_t n_init, int64_t iters, const PlusPlusDraws* plusplus);
 LloydResult lloyd_cuda(const at::Tensor& x, const at::Tensor& xnorm, at::Tensor& centers,
                        const at::Tensor& tol_abs, int64_t n_init, int64_t iters);
 

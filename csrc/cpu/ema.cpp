@@ -22,8 +22,9 @@ void ema_chains(bank_t* bank, const int64_t* ptr, const cd_t* rows, const std::v
                 int64_t S, int64_t D, double gamma) {
   const cd_t a = static_cast<cd_t>(gamma);
   const cd_t b = static_cast<cd_t>(1.0 - gamma);
-  // Parallel over chains: each chain owns one bank row.  Grain: about 16K elements per task.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  // Parallel over chains (each owns one bank row) only for large calls: a thread pool costs
+  // more than it saves below about a million elements.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(D, 1));
   at::parallel_for(0, static_cast<int64_t>(heads.size()), grain, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h) {
       const int64_t c = heads[h].first, r = heads[h].second;

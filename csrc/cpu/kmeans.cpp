@@ -91,7 +91,69 @@ class Problem {
     }
   }
 
+  // Greedy k-means++ of the R runs (the steps of rca_fast.ref.kmeans, with its random numbers):
+  // first (R,) the first centre of each run; uniform(j, r, t) the t-th draw of step j of run r.
+  // The candidates of all runs share one GEMM per step (S x R*T).
+  template <typename Uniform>
+  void seed_plusplus(const int64_t* first, Uniform uniform, int64_t trials) {
+    const int64_t R = R_, S = S_, D = D_, K = K_;
+    std::vector<T> closest(R * S), cum(S), gram(S * R * trials), cand_rows(R * trials * D), cand_norm(R * trials);
+    std::vector<int64_t> cand(R * trials);
+    // First centres, and every point's squared distance to its run's one.
+    for (int64_t r = 0; r < R; ++r) {
+      std::copy(x_ + first[r] * D, x_ + (first[r] + 1) * D, cand_rows.begin() + r * D);
+      std::copy(x_ + first[r] * D, x_ + (first[r] + 1) * D, centers_ + r * K * D);
+      cand_norm[r] = squared_norm(x_ + first[r] * D, D);
+    }
+    gemm(cand_rows.data(), R, gram.data());
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t s = 0; s < S; ++s) closest[r * S + s] = distance(s, gram[s * R + r], cand_norm[r]);
+    const int64_t M = R * trials;
+    for (int64_t j = 1; j < K; ++j) {
+      for (int64_t r = 0; r < R; ++r) {  // candidates drawn with probability ~ squared distance
+        double acc = 0;  // torch's CPU cumsum accumulates float in double, as here
+        for (int64_t s = 0; s < S; ++s) acc += closest[r * S + s], cum[s] = static_cast<T>(acc);
+        const double pot = static_cast<double>(static_cast<T>(acc));
+        for (int64_t t = 0; t < trials; ++t) {
+          const T target = static_cast<T>(uniform(j, r, t) * pot);
+          const int64_t idx = std::min<int64_t>(std::lower_bound(cum.begin(), cum.end(), target) - cum.begin(), S - 1);
+          cand[r * trials + t] = idx;
+          std::copy(x_ + idx * D, x_ + (idx + 1) * D, cand_rows.begin() + (r * trials + t) * D);
+          cand_norm[r * trials + t] = squared_norm(x_ + idx * D, D);
+        }
+      }
+      gemm(cand_rows.data(), M, gram.data());
+      for (int64_t r = 0; r < R; ++r) {  // keep the candidate with the lowest potential
+        double best_pot = std::numeric_limits<double>::infinity();
+        int64_t best = 0;
+        for (int64_t t = 0; t < trials; ++t) {
+          const int64_t col = r * trials + t;
+          double pot = 0;
+          for (int64_t s = 0; s < S; ++s) pot += std::min(closest[r * S + s], distance(s, gram[s * M + col], cand_norm[col]));
+          if (pot < best_pot) best_pot = pot, best = t;
+        }
+        const int64_t col = r * trials + best;
+        for (int64_t s = 0; s < S; ++s)
+          closest[r * S + s] = std::min(closest[r * S + s], distance(s, gram[s * M + col], cand_norm[col]));
+        const T* chosen = x_ + cand[col] * D;
+        std::copy(chosen, chosen + D, centers_ + (r * K + j) * D);
+      }
+    }
+  }
+
  private:
+  // ||x_s||^2 - 2 x_s.c + ||c||^2 clamped at 0: the expression (and rounding order) of the reference.
+  T distance(int64_t s, T dot, T cnorm) const {
+    const T d = (xnorm_[s] - T(2) * dot) + cnorm;
+    return d > T(0) ? d : T(0);
+  }
+
+  // out (S, m) = points (S, D) . rows (m, D)^T, single-threaded inside the task.
+  void gemm(const T* rows, int64_t m, T* out) {
+    at::Tensor g = at::from_blob(out, {S_, m}, opts_);
+    at::mm_out(g, xt_, at::from_blob(const_cast<T*>(rows), {m, D_}, opts_).t());
+  }
+
   // Labels and squared distance to the nearest centre of every point, for the given runs.
   void assign(const std::vector<int64_t>& runs) {
     const int64_t A = static_cast<int64_t>(runs.size()), S = S_, D = D_, K = K_, cols = A * K;
@@ -106,14 +168,12 @@ class Problem {
       at::Tensor g = at::from_blob(gbuf_.data(), {rows, cols}, opts_);
       at::mm_out(g, xt_.narrow(0, s0, rows), ct);
       for (int64_t i = 0; i < rows; ++i) {
-        const T xn = xnorm_[s0 + i];
         const T* gi = gbuf_.data() + i * cols;
         for (int64_t j = 0; j < A; ++j) {
           T best = std::numeric_limits<T>::infinity();
           int64_t arg = 0;
           for (int64_t k = 0; k < K; ++k) {  // the expression and tie-break of the CUDA kernel
-            T dist = (xn - T(2) * gi[j * K + k]) + cnorm_[j * K + k];
-            dist = dist > T(0) ? dist : T(0);
+            const T dist = distance(s0 + i, gi[j * K + k], cnorm_[j * K + k]);
             if (dist < best) best = dist, arg = k;
           }
           labels_[runs[j] * S + s0 + i] = arg;
@@ -188,15 +248,24 @@ class Problem {
 
 template <typename T>
 void lloyd_all(const T* x, const T* xnorm, T* centers, int64_t* labels, T* inertia, const double* tol_abs,
-               int64_t L, int64_t n_init, int64_t S, int64_t D, int64_t K, int64_t iters) {
-  // One problem per task, handed out dynamically (problems converge after different iteration
-  // counts).  GEMMs called from inside this region run single-threaded (ATen and MKL see it).
+               int64_t L, int64_t n_init, int64_t S, int64_t D, int64_t K, int64_t iters, const int64_t* first,
+               const double* uniform, int64_t trials) {
+  // One problem per task -- seeding and Lloyd -- handed out dynamically (problems converge after
+  // different iteration counts): a single parallel region for the whole k-means, which matters
+  // on a loaded machine where every extra region can wait for a descheduled thread.  GEMMs called
+  // from inside the region run single-threaded (ATen and MKL see it).
+  const int64_t n = L * n_init;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t l = 0; l < L; ++l) {
     const int64_t p = l * n_init;
-    Problem<T>(x + l * S * D, xnorm + l * S, centers + p * K * D, labels + p * S, inertia + p, tol_abs + p, n_init,
-               S, D, K)
-        .solve(iters);
+    Problem<T> problem(x + l * S * D, xnorm + l * S, centers + p * K * D, labels + p * S, inertia + p, tol_abs + p,
+                       n_init, S, D, K);
+    if (first != nullptr) {
+      problem.seed_plusplus(first + p, [&](int64_t j, int64_t r, int64_t t) {
+        return uniform[((j - 1) * n + p + r) * trials + t];
+      }, trials);
+    }
+    problem.solve(iters);
   }
 }
 
@@ -252,15 +321,18 @@ at::Tensor feature_variance_cpu(const at::Tensor& x) {
 }
 
 LloydResult lloyd_cpu(const at::Tensor& x, const at::Tensor& xnorm, at::Tensor& centers,
-                      const at::Tensor& tol_abs, int64_t n_init, int64_t iters) {
+                      const at::Tensor& tol_abs, int64_t n_init, int64_t iters, const PlusPlusDraws* plusplus) {
   const int64_t L = x.size(0), S = x.size(1), D = x.size(2), n = centers.size(0), K = centers.size(1);
   at::Tensor labels = at::empty({n, S}, x.options().dtype(at::kLong));
   at::Tensor inertia = at::empty({n}, x.options());
   const at::Tensor tol = tol_abs.to(at::kDouble).contiguous();
+  at::Tensor first, uniform;
+  if (plusplus != nullptr) first = plusplus->first.contiguous(), uniform = plusplus->uniform.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lloyd_cpu", [&] {
     lloyd_all<scalar_t>(x.data_ptr<scalar_t>(), xnorm.data_ptr<scalar_t>(), centers.data_ptr<scalar_t>(),
                         labels.data_ptr<int64_t>(), inertia.data_ptr<scalar_t>(), tol.data_ptr<double>(), L,
-                        n_init, S, D, K, iters);
+                        n_init, S, D, K, iters, plusplus ? first.data_ptr<int64_t>() : nullptr,
+                        plusplus ? uniform.data_ptr<double>() : nullptr, plusplus_trials(K));
   });
   return {labels, inertia};
 }
