@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .data import SyntheticShapes, VOCSegmentation
 from .train import build_model, collate, cpu_threads
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales, present_classes
-from .utils.checkpoint import load_checkpoint
+from .utils.checkpoint import load_checkpoint, load_model_state
 from .utils.metrics import cam_to_label
 from .utils.palette import overlay_strip, save_label_png
 
@@ -120,7 +120,7 @@ def run(args) -> dict:
     if not config:
         raise ValueError(f"{args.checkpoint} has no model_config: was it written by rca_fast.train?")
     model = build_model(config)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], args.checkpoint)  # shapes checked, both named
     model.to(device).eval()
     num_classes = int(config["num_classes"])
     args.dataset = args.dataset or train_args.get("dataset", "synthetic")

@@ -16,23 +16,28 @@ Importable: ``rca_fast.train.main(argv) -> metrics dict``; :class:`Trainer` hold
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from . import distributed
 from .data import (SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation, find_mask_dir,
                    synthetic_class_names, COCO_CLASSES, VOC_CLASSES)
 from .model.losses import rca_loss
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales
-from .utils.checkpoint import load_checkpoint, save_checkpoint, dtype_name
+from .utils.checkpoint import (LATEST_NAME, capture_rng_state, latest_checkpoint, load_checkpoint,
+                               load_model_state, restore_rng_state, save_checkpoint)
 from .utils.logs import get_logger
 from .utils.metrics import CamSweepMeter, format_iou_table
 from .utils.train_args import parse_args
@@ -58,7 +63,7 @@ def model_config(args) -> Dict:
                 prototypes=args.prototypes, gamma=args.gamma, score_threshold=args.score_threshold,
                 temperature=args.temperature, contrast=bool(args.contrast), mixup=bool(args.mixup),
                 mixup_alpha=args.mixup_alpha, aggregation=args.aggregation_mode,
-                shared_final_head=bool(args.shared_final_head), bank_dtype=dtype_name(torch.float32))
+                shared_final_head=bool(args.shared_final_head), bank_dtype=getattr(args, "bank_dtype", "float32"))
 
 
 def build_model(config: Dict, pretrained: Optional[str] = None):
@@ -129,14 +134,32 @@ def build_datasets(args):
     return train, val, list(names)
 
 
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C (SIGINT) once the checkpoint of the last finished step is written."""
+
+    def __init__(self, path: Optional[str], step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint {path} written -- continue with "
+                         f"--resume {path} (or --resume auto)")
+        self.path, self.step = path, step
+
+
 class Trainer:
-    """Builds data, model and optimiser from parsed flags; :meth:`fit` trains and evaluates."""
+    """Builds data, model and optimiser from parsed flags; :meth:`fit` trains and evaluates.
+
+    Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel, each rank reads
+    its share of every epoch through a DistributedSampler, and only rank 0 writes files.
+    """
 
     def __init__(self, args):
         self.args = args
-        self.device = torch.device(args.device)
-        os.makedirs(args.out, exist_ok=True)
-        self.log = get_logger(os.path.join(args.out, "train.log"))
+        self.device, self._created_group = distributed.setup(args.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        if self.is_main:
+            os.makedirs(args.out, exist_ok=True)
+        self.log = get_logger(os.path.join(args.out, "train.log") if self.is_main else None)
+        if not self.is_main:
+            self.log.setLevel(logging.WARNING)
         random.seed(args.seed)
         np.random.seed(args.seed % 2 ** 32)
         torch.manual_seed(args.seed)
@@ -148,6 +171,12 @@ class Trainer:
         if args.bank_init == "zeros":
             self.model.bank.bank.zero_()
         self.model.to(self.device)
+        if self.world > 1:
+            # the model is identical everywhere (same seed; DDP also broadcasts rank 0's), but the
+            # augmentation and mixup draws should differ between ranks
+            torch.manual_seed(args.seed + 1000003 * self.rank)
+            np.random.seed((args.seed + 1000003 * self.rank) % 2 ** 32)
+            random.seed(args.seed + 1000003 * self.rank)
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(args.threads))
         self.optimizer = torch.optim.SGD(self.model.param_groups(args.lr, args.weight_decay), lr=args.lr,
@@ -158,34 +187,93 @@ class Trainer:
         self.batch_in_epoch = 0   # batches of it that ran when it did not
         self.step = 0
         self.seconds = 0.0        # training time of earlier runs (resume)
-        if args.resume:
-            self.load(args.resume)
+        self.last_saved_step = -1
+        self.stop_requested = False
+        resume = self.resolve_resume(args.resume)
+        if resume:
+            self.load(resume)
+        self.forward_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            # broadcast_buffers=False: the bank is kept identical by MemoryBank.update's rank-ordered
+            # gather (checked by --check-bank-every), so re-broadcasting L*S*D every forward is waste.
+            # find_unused_parameters: before the contrast term starts the projector gets no gradient.
+            self.forward_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                     broadcast_buffers=False, find_unused_parameters=True)
+        if args.compile:
+            self.forward_model = torch.compile(self.forward_model, backend=args.compile_backend)
 
     # ---- state ----
+    def resolve_resume(self, resume: Optional[str]) -> Optional[str]:
+        """``--resume``: a path, or "auto" = the newest checkpoint in ``--out`` (None when there is none)."""
+        if resume != "auto":
+            return resume
+        path = latest_checkpoint(self.args.out)
+        if path is None:
+            self.log.info(f"--resume auto: no checkpoint in {self.args.out}, starting a fresh run")
+        return path
+
     def load(self, path: str) -> None:
         state = load_checkpoint(path, map_location=self.device)
+        ckpt_bank = state["model"].get("bank.bank")
+        shapes = (f"; memory bank (classes, slots, dim): checkpoint {tuple(ckpt_bank.shape)}, these flags "
+                  f"{tuple(self.model.bank.bank.shape)}") if ckpt_bank is not None else ""
         if state.get("model_config") and state["model_config"] != self.config:
             diff = {k: (state["model_config"].get(k), v) for k, v in self.config.items()
                     if state["model_config"].get(k) != v}
             raise ValueError(f"--resume {path}: the checkpoint's model differs from these flags "
-                             f"(checkpoint, flags): {diff}")
-        self.model.load_state_dict(state["model"])
+                             f"(checkpoint, flags): {diff}{shapes}")
+        load_model_state(self.model, state["model"], path)
         if state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.epoch_done = bool(state.get("epoch_done", True))
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
         self.seconds = float(state.get("seconds", 0.0))
-        torch.manual_seed(self.args.seed + self.step)  # fresh mixup draws, not a replay of the first run's
+        self.last_saved_step = self.step
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == self.world:
+            restore_rng_state(per_rank[self.rank])
+        elif state.get("rng") and self.world == 1:
+            restore_rng_state(state["rng"])
+        else:  # older checkpoint or another world size: fresh draws, not a replay of the first run's
+            torch.manual_seed(self.args.seed + self.step + 1000003 * self.rank)
+            self.log.warning(f"{path}: no RNG state for {self.world} process(es); the random draws of the "
+                             f"continued run are fresh, so it is not bit-identical to an uninterrupted one")
+        sampler = state.get("sampler") or {}
+        if not self.epoch_done and sampler.get("world_size", self.world) != self.world:
+            self.log.warning(f"{path} stopped mid-epoch with {sampler.get('world_size')} processes, resumed with "
+                             f"{self.world}: the rest of epoch {self.epoch} is skipped by batch count only")
         self.log.info(f"resumed from {path}: epoch {self.epoch} ({'done' if self.epoch_done else 'partial'}), "
                       f"step {self.step}")
 
-    def save(self, extra: Optional[Dict] = None) -> str:
-        path = os.path.join(self.args.out, "checkpoint.pt")
+    def save(self, extra: Optional[Dict] = None, rng: Optional[Dict] = None) -> Optional[str]:
+        """Checkpoint (collective under torch.distributed: every rank's RNG state is gathered; rank 0 writes)."""
+        rng = rng if rng is not None else capture_rng_state()
+        per_rank = None
+        if self.world > 1:
+            per_rank = [None] * self.world
+            torch.distributed.all_gather_object(per_rank, rng)
+        self.last_saved_step = self.step
+        if not self.is_main:
+            return None
+        path = os.path.join(self.args.out, LATEST_NAME)
+        scheduler = {"kind": "step-per-epoch", "base_lr": self.args.lr, "decay_points": self.args.decay_points_list,
+                     "lr_factor": self.lr_factor(max(self.epoch, 1))}
+        sampler = {"kind": "DistributedSampler", "seed": self.args.seed, "epoch": self.epoch, "shuffle": True,
+                   "drop_last": True, "batch_in_epoch": self.batch_in_epoch, "world_size": self.world}
         return save_checkpoint(path, model=self.model, optimizer=self.optimizer, epoch=self.epoch,
                                step=self.step, epoch_done=self.epoch_done, batch_in_epoch=self.batch_in_epoch,
-                               model_config=self.config, args=vars(self.args),
-                               extra=dict(seconds=self.seconds, class_names=self.class_names, **(extra or {})))
+                               model_config=self.config, args=vars(self.args), keep=self.args.keep,
+                               extra=dict(seconds=self.seconds, class_names=self.class_names, scheduler=scheduler,
+                                          sampler=sampler, rng=rng, rng_per_rank=per_rank, **(extra or {})))
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        """SIGINT handler: finish the current step, checkpoint, stop.  A second Ctrl-C stops at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.log.warning("Ctrl-C: saving a checkpoint after this step (press again to abort without one)")
 
     # ---- schedule ----
     def lr_factor(self, epoch: int) -> float:
@@ -200,30 +288,51 @@ class Trainer:
         return self.args.lr * factor
 
     def batches(self, epoch: int, skip: int = 0) -> DataLoader:
-        """The epoch's batches in a shuffled order fixed by (seed, epoch), the first ``skip`` left out."""
-        n, bs = len(self.train_set), self.args.batch_size
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed * 100003 + epoch)).tolist()
-        usable = (n // bs) * bs if n >= bs else n  # full batches only (BatchNorm in the projector)
+        """This rank's batches of the epoch in the DistributedSampler's order for (seed, epoch) --
+        full batches only (BatchNorm in the projector) --, the first ``skip`` left out."""
+        bs = self.args.batch_size
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.args.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        usable = (len(order) // bs) * bs if len(order) >= bs else len(order)
         batches = [order[i:i + bs] for i in range(0, usable, bs)][skip:]
+        # own generator: the loader's base seed must not come from (and advance) the global RNG,
+        # or a resumed run would draw differently from an uninterrupted one
+        loader_gen = torch.Generator().manual_seed(self.args.seed * 100003 + epoch * 101 + self.rank)
         return DataLoader(self.train_set, batch_sampler=batches, num_workers=self.args.num_workers,
                           collate_fn=collate, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+                          persistent_workers=False, generator=loader_gen)
 
     def steps_per_epoch(self) -> int:
-        n, bs = len(self.train_set), self.args.batch_size
-        return max(1, n // bs)
+        per_rank, bs = len(self.train_set) // self.world, self.args.batch_size
+        return max(1, per_rank // bs)
 
     # ---- training ----
-    def train_step(self, batch: Dict, epoch: int) -> Dict[str, float]:
+    def compute_loss(self, batch: Dict, epoch: int):
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True).float()
-        out = self.model(images, labels)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.args.amp)):
+            out = self.forward_model(images, labels)
+        # the loss terms in fp32 (autocast leaves bf16 logits)
+        out.logits, out.coarse_logits = out.logits.float(), out.coarse_logits.float()
+        if out.contrast_loss is not None:
+            out.contrast_loss = out.contrast_loss.float()
         loss, parts = rca_loss(out, labels, epoch, coarse_weight=self.args.coarse_weight,
                                contrast_weight=self.args.contrast_weight,
                                contrast_start_epoch=self.args.contrast_start_epoch)
-        if not math.isfinite(parts["loss"]):
-            raise FloatingPointError(f"loss is {parts['loss']} at epoch {epoch}, step {self.step + 1} "
-                                     f"(terms: {parts}); lower --lr?")
+        return out, loss, parts
+
+    def train_step(self, batch: Dict, epoch: int) -> Dict[str, float]:
+        out, loss, parts = self.compute_loss(batch, epoch)
+        bad = not all(math.isfinite(parts[k]) for k in LOSS_KEYS)
+        bad_anywhere, self.stop_requested = distributed.any_rank([bad, self.stop_requested])
+        if bad_anywhere:
+            where = "" if bad else f" on another rank (rank {self.rank} had terms {parts})"
+            raise FloatingPointError(
+                f"non-finite loss at epoch {epoch}, step {self.step + 1}{where}: terms {parts}; stopped "
+                f"before the update, the last good checkpoint (step {max(self.last_saved_step, 0)}) is kept. "
+                f"Lower --lr?")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -233,18 +342,31 @@ class Trainer:
         parts["bank_rows"] = float(rows)
         return parts
 
+    def after_step(self) -> None:
+        """Bank consistency check, periodic checkpoint, Ctrl-C checkpoint (in that order)."""
+        args = self.args
+        if self.world > 1 and args.check_bank_every and self.step % args.check_bank_every == 0:
+            distributed.check_bank_consistent(self.model.bank.bank, self.model.bank.ptr, self.step)
+        if self.stop_requested:
+            path = self.save()
+            raise TrainingInterrupted(path, self.step)
+        if args.save_every and self.step % args.save_every == 0:
+            self.save()
+
     def train_epoch(self, epoch: int, skip: int = 0) -> Dict[str, float]:
         """One epoch (from batch ``skip``); returns the mean loss terms and the bank rows written."""
         self.model.train()
         lr = self.set_lr(epoch)
-        if self.args.aggregation_mode != "none":
+        if self.args.aggregation_mode != "none" and skip == 0:
+            # a resumed partial epoch keeps the prototypes its start computed (restored with the model)
             self.model.refresh_prototypes(seed=self.args.seed * 1000 + epoch)
         sums = {k: 0.0 for k in LOSS_KEYS}
         rows, count, start = 0, 0, time.time()
         self.epoch, self.epoch_done, self.batch_in_epoch = epoch, False, skip
         total = self.steps_per_epoch()
         bar = tqdm(self.batches(epoch, skip), total=total, initial=skip, desc=f"epoch {epoch}/{self.args.epoch}",
-                   disable=not self.args.progress, leave=False, dynamic_ncols=True, mininterval=0.5)
+                   disable=not (self.args.progress and self.is_main), leave=False, dynamic_ncols=True,
+                   mininterval=0.5)
         for batch in bar:
             parts = self.train_step(batch, epoch)
             self.step += 1
@@ -256,10 +378,13 @@ class Trainer:
             bar.set_postfix({"loss": f"{parts['loss']:.3f}", "cls": f"{parts['cls']:.3f}",
                              "coarse": f"{parts['coarse_cls']:.3f}", "nce": f"{parts['contrast']:.3f}"},
                             refresh=False)
+            if self.batch_in_epoch >= total:
+                self.epoch_done, self.batch_in_epoch = True, 0
+            self.after_step()
             if self.args.max_steps is not None and self.step >= self.args.max_steps:
                 break
         bar.close()
-        self.epoch_done = self.batch_in_epoch >= total
+        self.epoch_done = self.epoch_done or self.batch_in_epoch >= total
         if self.epoch_done:
             self.batch_in_epoch = 0
         stats = {k: sums[k] / max(count, 1) for k in LOSS_KEYS}
@@ -267,12 +392,25 @@ class Trainer:
         return stats
 
     def fit(self) -> Dict:
+        """Train (Ctrl-C: checkpoint and :class:`TrainingInterrupted`), evaluate on rank 0, write metrics."""
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self.request_stop) if in_main_thread else None
+        try:
+            return self._fit()
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
+            distributed.cleanup(self._created_group)
+
+    def _fit(self) -> Dict:
         args = self.args
         start = time.time()
         self.log.info(f"training on {args.dataset} ({len(self.train_set)} images, {args.num_classes} classes) "
-                      f"on {self.device}: backbone {args.backbone}, contrast {'on' if args.contrast else 'off'}, "
+                      f"on {self.device}" + (f" x {self.world} processes" if self.world > 1 else "") +
+                      f": backbone {args.backbone}, contrast {'on' if args.contrast else 'off'}, "
                       f"mixup {'on' if args.mixup else 'off'}, aggregation {args.aggregation_mode}, "
-                      f"bank {args.num_classes}x{args.bank_slots}x{self.model.feature_dim}, "
+                      f"bank {args.num_classes}x{args.bank_slots}x{self.model.feature_dim} {args.bank_dtype}, "
+                      f"amp {'bf16' if args.amp else 'off'}, compile {'on' if args.compile else 'off'}, "
                       f"{args.epoch} epochs x {self.steps_per_epoch()} steps, out {args.out}"
                       + (f", {torch.get_num_threads()} CPU threads" if self.device.type == "cpu" else ""))
         first = self.epoch + 1 if self.epoch_done else max(self.epoch, 1)
@@ -289,22 +427,27 @@ class Trainer:
                           f"coarse_cls {stats['coarse_cls']:.4f}  contrast {stats['contrast']:.4f}  "
                           f"lr {stats['lr']:.2e}  bank rows {stats['bank_rows']}  steps {self.step}  "
                           f"{stats['seconds']:.1f}s")
-            self.save()
+            if self.last_saved_step != self.step:
+                self.save()
+        # the RNG state where training stopped (evaluation below draws from the global RNG too)
+        rng_at_stop = capture_rng_state()
         train_seconds = time.time() - start
         metrics = {"epochs": self.epoch, "epoch_done": self.epoch_done, "steps": self.step,
                    "train_seconds": round(train_seconds, 2), "history": history}
-        if self.eval_set is not None:
+        if self.eval_set is not None and self.is_main:
             metrics.update(self.evaluate())
         else:
             metrics["cam_miou"] = None
-            self.log.info("no images with masks to evaluate (give --test_list and a mask folder)")
+            if self.eval_set is None:
+                self.log.info("no images with masks to evaluate (give --test_list and a mask folder)")
         metrics["seconds"] = round(time.time() - start, 2)
         metrics.update(dataset=args.dataset, device=str(self.device), backbone=args.backbone,
                        contrast=bool(args.contrast), mixup=bool(args.mixup), aggregation=args.aggregation_mode,
-                       seed=args.seed)
-        self.save(extra={"cam_best_threshold": metrics.get("cam_best_threshold")})
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+                       seed=args.seed, world_size=self.world)
+        self.save(extra={"cam_best_threshold": metrics.get("cam_best_threshold")}, rng=rng_at_stop)
+        if self.is_main:
+            with open(os.path.join(args.out, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
         if metrics.get("cam_miou") is not None:
             self.log.info(f"CAM mIoU {100 * metrics['cam_miou']:.2f}% (background threshold "
                           f"{metrics['cam_best_threshold']:.2f}) on {metrics['cam_images']} images; "
@@ -369,3 +512,9 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        sys.exit(130)  # the shell's code for a run ended by SIGINT
+    except FloatingPointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

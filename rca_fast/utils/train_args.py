@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "<name>_<c>.png (grey 0-255) here, as the public code's attention maps")
     pub.add_argument("--epoch", type=int, default=None, help="number of epochs (voc 30)")
     pub.add_argument("--num_workers", type=int, default=None, help="data-loading processes")
-    pub.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
+    pub.add_argument("--resume", default=None,
+                     help="checkpoint to continue from, or 'auto': the newest in --out (a fresh run when "
+                          "there is none); continues exactly where it stopped, mid-epoch included")
     pub.add_argument("--threshold", type=float, default=None, help=argparse.SUPPRESS)  # public, unused there too
 
     ours = p.add_argument_group("rca_fast flags")
@@ -104,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--threads", type=int, default=0,
                       help="CPU threads for torch (0 = auto: the cores not busy with other processes)")
     ours.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    run = p.add_argument_group("checkpoints, scale-out and speed")
+    run.add_argument("--save-every", type=int, default=0,
+                     help="also checkpoint every N optimiser steps (0 = only at epoch ends)")
+    run.add_argument("--keep", type=int, default=3,
+                     help="numbered checkpoints (checkpoint_step<N>.pt) to keep; checkpoint.pt is the newest")
+    run.add_argument("--check-bank-every", type=int, default=100,
+                     help="under torch.distributed: compare the ranks' bank checksums every N steps "
+                          "(0 = never); differing banks stop the run")
+    run.add_argument("--amp", action="store_true",
+                     help="bf16 autocast of the forward pass (GPU; also runs on CPU); the bank stays "
+                          "--bank-dtype")
+    run.add_argument("--bank-dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="dtype of the memory bank and prototypes (bfloat16 halves their memory)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor)")
     return p
 
 
@@ -141,6 +158,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    for flag, value, low in (("--save-every", args.save_every, 0), ("--keep", args.keep, 1),
+                             ("--check-bank-every", args.check_bank_every, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.prototypes > args.bank_slots:

@@ -1,0 +1,105 @@
+"""torch.distributed helpers of the trainer: process-group set-up from torchrun's environment,
+rank queries, agreeing on stop flags, and the bank consistency check.
+
+``torchrun --nproc_per_node N -m rca_fast.train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; the
+trainer then joins a process group (NCCL on GPUs, gloo on CPU).  A group the caller already
+initialised (tests, notebooks) is used as it is.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or no process group): the one process that writes files."""
+    return rank() == 0
+
+
+def setup(device: str) -> Tuple[torch.device, bool]:
+    """Join torchrun's process group when WORLD_SIZE > 1; returns (device of this rank, whether
+    this call created the group -- then :func:`cleanup` should destroy it).
+
+    ``device`` "cuda" becomes ``cuda:LOCAL_RANK`` under torchrun; the backend is NCCL for CUDA
+    devices and gloo for the CPU.
+    """
+    dev = torch.device(device)
+    created = False
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not (dist.is_available() and dist.is_initialized()) and env_world > 1:
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        created = True
+    if dev.type == "cuda" and dev.index is None and world_size() > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank() % max(torch.cuda.device_count(), 1))))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev, created
+
+
+def cleanup(created: bool) -> None:
+    if created and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """Device for small collective tensors: CUDA for NCCL, CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flags: Sequence[bool]) -> List[bool]:
+    """For each flag: True on every rank when it is True on any (one small all-reduce for all).
+
+    Why: a rank that stops alone (Ctrl-C, a non-finite loss) would leave the others waiting in
+    the next collective forever.  Without a process group the flags come back as they are.
+    """
+    if not is_distributed():
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def bank_checksum(bank: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    """(3,) float64 [sum, position-weighted sum, pointer sum] of the bank: equal banks give
+    bit-equal checksums (same computation on the same kind of device), and a swapped or shifted
+    slot changes the weighted sum."""
+    flat = bank.detach().reshape(-1).double()
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder_(9973).add_(1)
+    return torch.stack([flat.sum(), (flat * weights).sum(), ptr.detach().double().sum()])
+
+
+def check_bank_consistent(bank: torch.Tensor, ptr: torch.Tensor, step: int) -> None:
+    """All-gather every rank's :func:`bank_checksum`; RuntimeError on every rank if they differ."""
+    if not is_distributed():
+        return
+    local = bank_checksum(bank, ptr).to(collective_device())
+    gathered = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(gathered, local)
+    ref = gathered[0]
+    bad = [r for r, g in enumerate(gathered) if not torch.equal(g, ref)]
+    if bad:
+        rows = ", ".join(f"rank {r}: {[float(v) for v in g]}" for r, g in enumerate(gathered))
+        raise RuntimeError(f"memory banks differ between ranks at step {step} (ranks {bad} differ from rank 0); "
+                           f"checksums [sum, weighted sum, pointer sum]: {rows}. The bank updates must be "
+                           f"gathered in rank order on every rank (MemoryBank.update).")
