@@ -56,6 +56,7 @@ class RegionContrast(NamedTuple):
     weight: Optional[torch.Tensor]   # (N,) or None
 
 
+@torch.compiler.disable  # host-side draws with data-dependent sizes: torch.compile cannot trace them
 def draw_mixup(region_image: torch.Tensor, num_images: int, alpha: float,
                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Region-mixup draws, as the public code: each row's partner is a random present class of a
