@@ -312,6 +312,12 @@ class Trainer:
     def compute_loss(self, batch: Dict, epoch: int):
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True).float()
+        if self.world > 1 and self.args.contrast:
+            # Under DDP, a contrast loss that is computed but not yet in the total (before
+            # --contrast-start-epoch) is an output whose parameters (the projector) never get a
+            # gradient: DDP waits for them forever.  So it is not computed then (the epoch-1 log
+            # shows contrast 0; single-process runs still report it).
+            self.model.contrast = epoch >= self.args.contrast_start_epoch
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.args.amp)):
             out = self.forward_model(images, labels)
         # the loss terms in fp32 (autocast leaves bf16 logits)
