@@ -269,11 +269,12 @@ class Trainer:
                                           sampler=sampler, rng=rng, rng_per_rank=per_rank, **(extra or {})))
 
     def request_stop(self, signum=None, frame=None) -> None:
-        """SIGINT handler: finish the current step, checkpoint, stop.  A second Ctrl-C stops at once."""
+        """SIGINT/SIGTERM handler: finish the current step, checkpoint, stop.  A second signal stops at once."""
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
-        self.log.warning("Ctrl-C: saving a checkpoint after this step (press again to abort without one)")
+        name = signal.Signals(signum).name if signum is not None else "stop request"
+        self.log.warning(f"{name}: saving a checkpoint after this step (send it again to abort without one)")
 
     # ---- schedule ----
     def lr_factor(self, epoch: int) -> float:
@@ -398,14 +399,15 @@ class Trainer:
         return stats
 
     def fit(self) -> Dict:
-        """Train (Ctrl-C: checkpoint and :class:`TrainingInterrupted`), evaluate on rank 0, write metrics."""
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self.request_stop) if in_main_thread else None
+        """Train (Ctrl-C / SIGTERM: checkpoint and :class:`TrainingInterrupted`), evaluate on rank 0, write metrics."""
+        # SIGTERM too: schedulers (SLURM) and torchrun's shutdown send it before killing a job
+        signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in signals}
         try:
             return self._fit()
         finally:
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             distributed.cleanup(self._created_group)
 
     def _fit(self) -> Dict:

@@ -169,7 +169,8 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, stop_at):
 
 
 # ---------------------------------------------------------------- Ctrl-C, non-finite loss
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "rca_fast.train"] + SYN +
                             ["--epoch", "500", "--save-every", "1", "--out", str(tmp_path)],
@@ -178,7 +179,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     while time.time() < deadline and not ckpt.numbered_checkpoints(str(tmp_path)) and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted at step" in err and "--resume" in err
