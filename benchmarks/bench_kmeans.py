@@ -3,7 +3,8 @@
 The prototype refresh at the public defaults: L=20 classes x S=500 slots x D=512, K=10, on blob
 data (K Gaussian blobs per class, std 4, centres uniform in [-10, 10]^D).  Rows (same run):
 
-  sklearn     sklearn.cluster.KMeans(K, n_init=10) per class, as the public RCA code does (CPU)
+  sklearn     sklearn.cluster.KMeans(K, n_init=10) per class, as the public RCA code does (CPU,
+              timed inside a separate process so that thread pools of the two cannot interfere)
   rca_fast    the extension through rca_fast._ext.kmeans, all classes at once, n_init in (1, 3, 10)
   ref         rca_fast.ref.kmeans (batched plain torch), the same n_init values
 
@@ -21,9 +22,16 @@ Run: ``pytest benchmarks/bench_kmeans.py --benchmark-only -s`` (BENCH_KMEANS_ROU
 BENCH_KMEANS_THREADS, default "1,all").  Rows go to benchmarks/results/bench_kmeans-<device>.json.
 """
 import importlib
+import importlib.util
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+
+import numpy as np
 
 import pytest
 import torch
@@ -58,12 +66,32 @@ def shape_id(L, S, D, K):
     return f"L{L}-S{S}-D{D}-K{K}"
 
 
+_SKLEARN_SCRIPT = """
+import json, sys, time
+import numpy as np
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+points, k, seed, threads = np.load(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+with threadpool_limits(limits=threads):
+    KMeans(n_clusters=k, n_init=1, random_state=seed).fit(points[0][: 4 * k])  # warm-up
+    t0 = time.perf_counter()
+    inertia = [KMeans(n_clusters=k, n_init=10, random_state=seed).fit(p).inertia_ for p in points]
+    ms = (time.perf_counter() - t0) * 1e3
+print(json.dumps({"ms": ms, "inertia": inertia}))
+"""
+
+
 def run_sklearn(points, K, seed, threads):
-    """Per-problem inertia of sklearn's KMeans(n_init=10), one fit per class as the public code."""
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-    with threadpool_limits(limits=threads):
-        return [KMeans(n_clusters=K, n_init=10, random_state=seed).fit(p).inertia_ for p in points.numpy()]
+    """(ms, per-problem inertia) of sklearn's KMeans(n_init=10), one fit per class as the public
+    code does, timed in a separate process: its OpenMP/BLAS thread pools then cannot spin
+    against torch's in this one (or the other way round)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "points.npy")
+        np.save(path, points.numpy())
+        out = subprocess.run([sys.executable, "-c", _SKLEARN_SCRIPT, path, str(K), str(seed), str(threads)],
+                             check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["ms"], result["inertia"]
 
 
 def timed(fn, device):
@@ -92,11 +120,7 @@ def with_threads(threads, fn):
 
 def test_kmeans_default_shape(benchmark, device):
     pytest.importorskip("rca_fast._C", reason="the extension rca_fast._C is not built")
-    try:
-        import sklearn  # noqa: F401
-        has_sklearn = True
-    except ImportError:
-        has_sklearn = False
+    has_sklearn = all(importlib.util.find_spec(m) is not None for m in ("sklearn", "threadpoolctl"))
     L, S, D, K = DEFAULT
     threads = thread_settings() if device.type == "cpu" else [torch.get_num_threads()]
     sk_threads = thread_settings()
@@ -111,7 +135,7 @@ def test_kmeans_default_shape(benchmark, device):
         best = None
         if has_sklearn:
             for t in sk_threads:
-                ms, inertia = timed(lambda: run_sklearn(cpu_points, K, rnd, t), torch.device("cpu"))
+                ms, inertia = run_sklearn(cpu_points, K, rnd, t)
                 sk_times[t].append(ms)
                 best = inertia if best is None else [min(a, b) for a, b in zip(best, inertia)]
         for config in configs:
