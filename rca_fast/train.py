@@ -7,9 +7,19 @@ Schedule (DESIGN §2), epochs counted from 1:
     ``--contrast-start-epoch`` = 2 on), backward, SGD step, then ``model.update_bank(out)``
     (the coarse CAM's region rows whose class score passes the threshold).  The bank is a
     buffer: it never requires grad (checked every step -- the public code crashed on that);
-  * after every epoch and at the end: ``OUT/checkpoint.pt``; at the end the CAM mIoU of the
-    final head O on images with masks, swept over background thresholds as
-    ``rca_fast.evaluate`` does, written to ``OUT/metrics.json``.
+  * after every epoch, every ``--save-every`` steps and at the end: an atomic checkpoint
+    ``OUT/checkpoint_step<N>.pt`` (the last ``--keep`` kept; ``OUT/checkpoint.pt`` is the newest)
+    with model, bank, optimiser, schedule, sampler position and every RNG state, so
+    ``--resume PATH|auto`` continues bit-identically, mid-epoch included;
+  * Ctrl-C / SIGTERM: checkpoint after the current step, exit 130; a non-finite loss stops the
+    run before its update (the last checkpoint stays the good one);
+  * at the end the CAM mIoU of the final head O on images with masks, swept over background
+    thresholds as ``rca_fast.evaluate`` does, written to ``OUT/metrics.json``.
+
+Under ``torchrun --nproc_per_node N -m rca_fast.train`` the model runs in DDP (NCCL / gloo),
+each rank reads its DistributedSampler share, the bank stays identical through the rank-ordered
+gather of ``MemoryBank.update`` (checked every ``--check-bank-every`` steps), only rank 0 writes.
+``--amp``: bf16 autocast of the forward; ``--compile``: torch.compile of the model.
 
 Importable: ``rca_fast.train.main(argv) -> metrics dict``; :class:`Trainer` holds the parts.
 """
