@@ -80,13 +80,21 @@ def any_rank(flags: Sequence[bool]) -> List[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
-def bank_checksum(bank: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+def bank_checksum(bank: torch.Tensor, ptr: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
     """(3,) float64 [sum, position-weighted sum, pointer sum] of the bank: equal banks give
     bit-equal checksums (same computation on the same kind of device), and a swapped or shifted
-    slot changes the weighted sum."""
-    flat = bank.detach().reshape(-1).double()
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder_(9973).add_(1)
-    return torch.stack([flat.sum(), (flat * weights).sum(), ptr.detach().double().sum()])
+    slot changes the weighted sum.  Done in chunks of ``chunk`` elements so a large bank
+    (1000 x 1000 x 512) needs no float64 copy of itself (that would be 4 GB)."""
+    flat = bank.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    weighted = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk].double()
+        weights = torch.arange(start + 1, start + 1 + part.numel(), device=flat.device,
+                               dtype=torch.float64).remainder_(9973).add_(1)
+        total += part.sum()
+        weighted += (part * weights).sum()
+    return torch.stack([total, weighted, ptr.detach().double().sum()])
 
 
 def check_bank_consistent(bank: torch.Tensor, ptr: torch.Tensor, step: int) -> None:

@@ -52,6 +52,24 @@ def _train_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("L,S,D,chunk", [(3, 7, 60, 1 << 22), (3, 7, 60, 50), (1, 1, 5, 2)],
+                         ids=["L3-S7-D60-onechunk", "L3-S7-D60-chunk50", "L1-S1-D5-chunk2"])
+def test_bank_checksum_against_a_float64_loop(gen, L, S, D, chunk):
+    from rca_fast.distributed import bank_checksum
+
+    bank = torch.randn(L, S, D, generator=gen)
+    ptr = torch.randint(0, S, (L,), generator=gen)
+    flat = bank.reshape(-1).tolist()
+    want = [sum(flat), sum(v * (((i + 1) % 9973) + 1) for i, v in enumerate(flat)), float(ptr.sum())]
+    got = bank_checksum(bank, ptr, chunk=chunk).tolist()
+    for g, w in zip(got, want):
+        assert abs(g - w) <= 1e-9 * max(1.0, abs(w))
+    if S > 1:  # two slots swapped: same plain sum, different weighted sum
+        swapped = bank.clone()
+        swapped[0, [0, 1]] = swapped[0, [1, 0]]
+        assert bank_checksum(swapped, ptr, chunk=chunk)[1] != bank_checksum(bank, ptr, chunk=chunk)[1]
+
+
 @pytest.mark.slow  # two spawned interpreters importing torch: ~15 s on 2 busy cores
 def test_two_gloo_ranks_train_with_identical_banks(tmp_path):
     mp.start_processes(_train_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
