@@ -222,3 +222,10 @@ def test_non_finite_loss_stops_naming_step_and_terms_and_keeps_the_last_checkpoi
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint_step00000002.pt")
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
+    metrics = main(SYN + ["--resume", "auto", "--max-steps", "1", "--out", str(tmp_path)])
+    assert metrics["steps"] == 1
+    assert ckpt.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 1
+    assert "no checkpoint in" in (tmp_path / "train.log").read_text()
