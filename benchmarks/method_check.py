@@ -60,6 +60,39 @@ def run_one(variant: str, seed: int, extra, work: str) -> dict:
             "seconds": metrics["seconds"]}
 
 
+def bank_diagnostics(checkpoint: str, num_images: int = 160) -> dict:
+    """How much of the trained bank is data: cosine of every slot with its class's mean region
+    embedding (masked average of the backbone features over held-out images, as the bank rows
+    are made) against the same for the other classes' means.  A randn-initialised slot that
+    received few EMA writes stays mostly noise (cosine near 0 with everything)."""
+    import torch
+    import torch.nn.functional as F
+
+    from rca_fast.data import SyntheticShapes
+    from rca_fast.train import build_model
+    from rca_fast.utils.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    cfg, targs = state["model_config"], state["args"]
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    ds = SyntheticShapes(num_images, cfg["num_classes"], targs["input_size"], seed=targs["seed"], split="val")
+    images, labels = torch.stack([ds[i]["image"] for i in range(len(ds))]), torch.from_numpy(ds.labels)
+    with torch.no_grad():
+        out = model(images, labels)
+    L = cfg["num_classes"]
+    means = torch.stack([out.bank_emb[out.bank_target == c].mean(0) for c in range(L)])
+    slots = F.normalize(model.bank.bank.float(), dim=-1)                  # (L, S, D)
+    cos = torch.einsum("lsd,md->lsm", slots, F.normalize(means, dim=-1))  # (L, S, L)
+    own = torch.stack([cos[c, :, c] for c in range(L)]).mean().item()
+    other = torch.stack([cos[c, :, [m for m in range(L) if m != c]].mean() for c in range(L)]).mean().item()
+    rows = sum(h["bank_rows"] for h in json.load(open(os.path.join(os.path.dirname(checkpoint), "metrics.json")))
+               ["history"])
+    return {"own_class_cosine": own, "other_class_cosine": other, "rows_written": rows,
+            "writes_per_slot": rows / (L * model.bank.slots)}
+
+
 def write_results(rows, args, extra, started: float) -> dict:
     import torch
 
@@ -79,6 +112,16 @@ def write_results(rows, args, extra, started: float) -> dict:
     for variant, s in summary.items():
         delta = "" if base is None or variant == "baseline" else f"{100 * (s['mean'] - base):+.2f}"
         lines.append(f"| {variant} | {100 * s['mean']:.2f} +- {100 * s['std']:.2f} | {delta} | {s['n']} |")
+    diag = [r for r in rows if r.get("bank")]
+    if diag:
+        lines += ["", "Memory bank after training (full RCA runs): cosine of each slot with the mean region "
+                  "embedding of its own class / of the other classes (held-out images), EMA writes per slot:", "",
+                  "| seed | own-class cosine | other-class cosine | rows written | writes per slot |",
+                  "|---|---|---|---|---|"]
+        for r in diag:
+            b = r["bank"]
+            lines.append(f"| {r['seed']} | {b['own_class_cosine']:.3f} | {b['other_class_cosine']:.3f} | "
+                         f"{b['rows_written']} | {b['writes_per_slot']:.1f} |")
     lines += ["", "Per run:", "", "| variant | seed | CAM mIoU (%) | threshold | steps | seconds |",
               "|---|---|---|---|---|---|"]
     for r in rows:
@@ -142,6 +185,8 @@ def main(argv=None) -> dict:
     for seed in args.seeds:
         for variant in args.variants:
             row = run_one(variant, seed, extra, work)
+            if variant == "full RCA":
+                row["bank"] = bank_diagnostics(os.path.join(work, "full_RCA", f"seed{seed}", "checkpoint.pt"))
             rows.append(row)
             print(f"[method check] {variant:15s} seed {seed}: CAM mIoU {100 * row['cam_miou']:.2f}% "
                   f"({row['seconds']:.0f}s)", flush=True)

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 
 DATASET_DEFAULTS = {
-    "synthetic": dict(num_classes=6, backbone="tiny", input_size=96, crop_size=96, batch_size=16, lr=0.02,
+    "synthetic": dict(num_classes=6, backbone="tiny", input_size=96, crop_size=96, batch_size=16, lr=0.01,
                       epoch=15, decay_points="12", bank_slots=64, num_workers=0, snapshot_dir="runs/synthetic",
                       num_images=640, val_images=160),
     "voc": dict(num_classes=20, backbone="vgg16", input_size=368, crop_size=368, batch_size=8, lr=1e-3,
