@@ -7,7 +7,6 @@
 // sequential loop bit for bit (this file is compiled with -ffp-contract=off).
 #include "../rca_fast.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

@@ -11,7 +11,9 @@
 //   converge squared centre shift <= tol * mean feature variance, or no label changed.
 #include "../rca_fast.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
