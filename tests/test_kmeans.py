@@ -22,7 +22,9 @@ def blobs(L, S, D, centers, gen, std=1.0):
 
 
 # (L, S, D, K, blob centres): several problems at once, odd S and D.
-BLOB_CASES = [(3, 97, 13, 7, 7), (2, 151, 60, 10, 10), (4, 45, 5, 3, 4), (1, 33, 3, 5, 5)]
+# K equals the number of blobs: with K < blobs the optimum (which two blobs to merge) is a coin
+# toss for any 10-restart k-means, sklearn's included, and the 1% bar became flaky.
+BLOB_CASES = [(3, 97, 13, 7, 7), (2, 151, 60, 10, 10), (4, 45, 5, 4, 4), (1, 33, 3, 5, 5)]
 BLOB_IDS = [f"L{l}-S{s}-D{d}-K{k}" for l, s, d, k, _ in BLOB_CASES]
 
 
