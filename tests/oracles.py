@@ -215,3 +215,19 @@ def torch_backend_unless_forced(monkeypatch):
     """
     if not os.environ.get("RCA_FAST_BACKEND"):
         monkeypatch.setenv("RCA_FAST_BACKEND", "torch")
+
+
+# --------------------------------------------------------------------------- k-means test data
+def numpy_seed(gen: torch.Generator) -> int:
+    """A numpy/sklearn seed drawn from the test's torch generator (fresh inputs every run)."""
+    return int(torch.randint(2 ** 31 - 1, (), generator=gen))
+
+
+def blobs(L: int, S: int, D: int, centers: int, gen: torch.Generator, std: float = 1.0):
+    """L independent Gaussian-blob problems: (L, S, D) float32 and the numpy float64 originals
+    (for scikit-learn, the k-means quality bar)."""
+    from sklearn.datasets import make_blobs  # a test dependency; only the k-means tests need it
+
+    problems = [make_blobs(n_samples=S, n_features=D, centers=centers, cluster_std=std,
+                           random_state=numpy_seed(gen))[0] for _ in range(L)]
+    return torch.from_numpy(np.stack(problems)).float(), problems

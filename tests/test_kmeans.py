@@ -3,22 +3,11 @@ import numpy as np
 import pytest
 import torch
 from sklearn.cluster import KMeans
-from sklearn.datasets import make_blobs
 
 import oracles
+from oracles import blobs, numpy_seed
 from oracles import torch_backend_unless_forced  # noqa: F401  (autouse: torch backend)
 from rca_fast import ops
-
-
-def numpy_seed(gen) -> int:
-    return int(torch.randint(2 ** 31 - 1, (), generator=gen))
-
-
-def blobs(L, S, D, centers, gen, std=1.0):
-    """L independent blob problems (L, S, D) float32 and their numpy float64 twins."""
-    problems = [make_blobs(n_samples=S, n_features=D, centers=centers, cluster_std=std,
-                           random_state=numpy_seed(gen))[0] for _ in range(L)]
-    return torch.from_numpy(np.stack(problems)).float(), problems
 
 
 # (L, S, D, K, blob centres): several problems at once, odd S and D.

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from sklearn.cluster import KMeans
-from sklearn.datasets import make_blobs
 
 pytest.importorskip("rca_fast._C", reason="the extension rca_fast._C is not built "
                                            "(python setup.py build_ext --inplace)")
 
 import oracles  # noqa: E402
+from oracles import blobs, numpy_seed  # noqa: E402
 from rca_fast import ops  # noqa: E402
 from rca_fast.ops import _dispatch  # noqa: E402
 
@@ -28,17 +28,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 def extension_backend(monkeypatch):
     """Route rca_fast.ops through the extension (the 'cuda' provider also holds the CPU twin)."""
     monkeypatch.setenv("RCA_FAST_BACKEND", "cuda")
-
-
-def numpy_seed(gen) -> int:
-    return int(torch.randint(2 ** 31 - 1, (), generator=gen))
-
-
-def blobs(L, S, D, centers, gen, std=1.0):
-    """L independent blob problems: (L, S, D) float32 and the numpy float64 originals."""
-    problems = [make_blobs(n_samples=S, n_features=D, centers=centers, cluster_std=std,
-                           random_state=numpy_seed(gen))[0] for _ in range(L)]
-    return torch.from_numpy(np.stack(problems)).float(), problems
 
 
 # (L, S, D, K, blob centres): several problems at once, odd S and D, S > 1024 (chunked GEMM).
