@@ -1,5 +1,4 @@
 """Batched k-means: quality against scikit-learn, determinism, labels, degenerate data, bad inputs."""
-import numpy as np
 import pytest
 import torch
 from sklearn.cluster import KMeans

@@ -6,7 +6,6 @@ degenerate data (identical points, K = S), bad inputs through rca_fast.ops, opch
 """
 import importlib
 
-import numpy as np
 import pytest
 import torch
 from sklearn.cluster import KMeans
