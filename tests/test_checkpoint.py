@@ -93,6 +93,31 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     assert want[2] == got[2] and want[3] == got[3]
 
 
+class _OnGPU(torch.Tensor):
+    """Stands in for a tensor that ``map_location="cuda"`` put on a GPU: ``.numpy()`` fails as it
+    does there, ``.cpu()`` gives a plain CPU tensor."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
+    """The trainer loads checkpoints with map_location=<its device>: on a GPU the RNG tensors
+    arrive there, and resuming must still restore them (it crashed on numpy's state)."""
+    np.random.seed(5)
+    random.seed(6)
+    state = ckpt.capture_rng_state()
+    want = (np.random.rand(3), random.random())
+    moved = dict(state, torch=state["torch"].as_subclass(_OnGPU),
+                 numpy=dict(state["numpy"], keys=state["numpy"]["keys"].as_subclass(_OnGPU)),
+                 python=dict(state["python"], internal=state["python"]["internal"].as_subclass(_OnGPU)))
+    ckpt.restore_rng_state(moved)
+    assert np.array_equal(np.random.rand(3), want[0]) and random.random() == want[1]
+
+
 # ---------------------------------------------------------------- refusing files
 class Payload:
     """Unpickling this would create a file: the marker proves the loader never ran it."""

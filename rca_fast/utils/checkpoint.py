@@ -56,15 +56,17 @@ def capture_rng_state() -> Dict[str, Any]:
 
 
 def restore_rng_state(state: Dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`; CUDA states are restored only when CUDA is present."""
+    """Inverse of :func:`capture_rng_state`; CUDA states are restored only when CUDA is present.
+
+    The tensors may sit on any device (a checkpoint loaded with ``map_location="cuda"``)."""
     torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+    np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     p = state["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].cpu().tolist()), p["gauss"]))
 
 
 # ---------------------------------------------------------------- writing
