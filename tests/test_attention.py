@@ -85,6 +85,7 @@ def test_gradcheck_query_key_value(shape, scale, gen):
     ("value-device", ValueError, "value"),
     ("scale-zero", ValueError, "scale"),
     ("scale-str", TypeError, "scale"),
+    ("scale-inf", ValueError, "scale"),
 ])
 def test_bad_inputs_name_the_argument(case, exc, name, gen):
     query, key, value = inputs((2, 3, 4, 5, 3), gen)
@@ -115,5 +116,7 @@ def test_bad_inputs_name_the_argument(case, exc, name, gen):
         kwargs["scale"] = 0.0
     elif case == "scale-str":
         kwargs["scale"] = "1"
+    elif case == "scale-inf":
+        kwargs["scale"] = math.inf
     with pytest.raises(exc, match=rf"\b{name}\b"):  # the argument as a word, not inside the op name
         ops.prototype_attention(query, key, value, **kwargs)

@@ -143,6 +143,9 @@ def test_n_init_returns_a_consistent_best_run(gen):
     ("tol-negative", ValueError, "tol"),
     ("init", ValueError, "init"),
     ("n-init-zero", ValueError, "n_init"),
+    ("seed-str", TypeError, "seed"),
+    ("seed-float", TypeError, "seed"),
+    ("seed-too-big", ValueError, "seed"),
 ])
 def test_bad_inputs_name_the_argument(case, exc, name, gen):
     points = torch.randn(3, 7, 4, generator=gen)
@@ -170,5 +173,11 @@ def test_bad_inputs_name_the_argument(case, exc, name, gen):
         kwargs["init"] = "kmeans++"
     elif case == "n-init-zero":
         kwargs["n_init"] = 0
+    elif case == "seed-str":
+        kwargs["seed"] = "0"
+    elif case == "seed-float":
+        kwargs["seed"] = 1.5
+    elif case == "seed-too-big":
+        kwargs["seed"] = 2 ** 63
     with pytest.raises(exc, match=rf"\b{name}\b"):  # the argument as a word, not inside the op name
         ops.kmeans(points, k, **kwargs)

@@ -150,6 +150,16 @@ def test_dtypes_and_unbatched_input(dtype, device, gen):
     assert torch.equal(labels.cpu(), want[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_points_that_require_grad_give_constant_outputs(device, gen):
+    """k-means is not differentiable: outputs must not carry a grad_fn that fails on backward."""
+    points, _ = blobs(2, 31, 5, 3, gen)
+    points = points.to(device).requires_grad_()
+    centroids, labels, inertia = ops.kmeans(points, 3, seed=numpy_seed(gen))
+    assert not centroids.requires_grad and not inertia.requires_grad
+    assert torch.isfinite(centroids).all()
+
+
 def test_k_greater_than_points_raises():
     with pytest.raises(ValueError, match="k must be in"):
         ops.kmeans(torch.randn(2, 5, 3), 6)

@@ -1,6 +1,7 @@
 """Public prototype attention (DESIGN §3)."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ def prototype_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
     Args:
         query: (B, N, D) float.   key: (P, D).   value: (P, Dv).  All differentiable, one dtype.
-        scale: multiplies the scores; defaults to 1/sqrt(D).
+        scale: finite positive number multiplying the scores; defaults to 1/sqrt(D).
     Returns:
         (B, N, Dv) in the inputs' dtype.
     """
@@ -31,4 +32,6 @@ def prototype_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     check_nonempty(OP, "key", key)
     if scale is not None:
         check_positive(OP, "scale", scale)
+        if not math.isfinite(scale):  # inf * a zero score is NaN, and softmax of several infs is NaN
+            raise ValueError(f"{OP}: scale must be finite, got {scale}")
     return _dispatch.implementation(OP, dev)(query, key, value, scale=scale)

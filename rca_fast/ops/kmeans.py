@@ -19,12 +19,13 @@ def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4,
         iters: most Lloyd iterations (>= 1).
         tol: scikit-learn's relative tolerance: a problem stops once its summed squared centre
             shift is <= tol * mean per-feature variance of its points.
-        seed: same seed, same result (on one device).
+        seed: an int in [-2**63, 2**63); same seed, same result (on one device).
         init: "k-means++" (greedy, as scikit-learn) or "random".
         n_init: independent runs per problem; the lowest inertia wins.
     Returns:
         centroids (L, K, D) in the points' dtype, labels (L, S) int64, inertia (L,) float32
-        -- or (K, D), (S,), () for 2-D input.  Empty clusters are re-seeded, never NaN.
+        (float64 for float64 points) -- or (K, D), (S,), () for 2-D input.  Empty clusters are
+        re-seeded, never NaN.  Not differentiable: the outputs never require grad.
     """
     check_tensor(OP, "points", points, ndim=(2, 3), layout="(L, S, D) or (S, D)", dtypes=FLOAT_DTYPES)
     check_finite(OP, "points", points)
@@ -37,7 +38,13 @@ def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4,
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{OP}: {name} must be an int >= 1, got {value!r}")
     check_positive(OP, "tol", tol, allow_zero=True)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{OP}: seed must be an int, got {type(seed).__name__}")
+    if not -2 ** 63 <= seed < 2 ** 63:
+        raise ValueError(f"{OP}: seed must be in [-2**63, 2**63), got {seed}")
     if init not in ("k-means++", "random"):
         raise ValueError(f"{OP}: init must be 'k-means++' or 'random', got {init!r}")
+    # detach: the extension op has no autograd formula, so on points that require grad its outputs
+    # would carry a grad_fn that fails on backward (the reference detaches anyway).
     return _dispatch.implementation(OP, points.device)(
-        points, k, iters=iters, tol=float(tol), seed=int(seed), init=init, n_init=n_init)
+        points.detach(), k, iters=iters, tol=float(tol), seed=int(seed), init=init, n_init=n_init)
