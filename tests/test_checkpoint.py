@@ -79,6 +79,22 @@ def test_every_epoch_and_save_every_with_keep(tmp_path):
     assert len(ckpt.numbered_checkpoints(str(tmp_path / "b"))) == 2
 
 
+def test_a_new_run_in_an_old_folder_keeps_its_checkpoints_and_resume_auto_finds_them(tmp_path):
+    """Numbered files of higher steps from an earlier run in the same --out (the defaults put
+    every run in one folder) neither push out the new run's checkpoints nor win --resume auto."""
+    main(SYN + ["--epoch", "3", "--save-every", "1", "--keep", "2", "--out", str(tmp_path)])
+    main(SYN + ["--epoch", "3", "--max-steps", "2", "--seed", "1", "--save-every", "1", "--keep", "2",
+                "--out", str(tmp_path)])
+    names = [os.path.basename(p) for p in ckpt.numbered_checkpoints(str(tmp_path))]
+    assert "checkpoint_step00000001.pt" in names and "checkpoint_step00000002.pt" in names, names
+    latest = ckpt.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("checkpoint_step00000002.pt")
+    assert ckpt.load_checkpoint(latest)["args"]["seed"] == 1
+    metrics = main(SYN + ["--epoch", "3", "--max-steps", "3", "--seed", "1", "--keep", "2", "--resume", "auto",
+                          "--out", str(tmp_path)])
+    assert metrics["steps"] == 3
+
+
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)

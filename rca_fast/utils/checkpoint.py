@@ -112,12 +112,21 @@ def numbered_checkpoints(folder: str) -> List[str]:
 
 
 def latest_checkpoint(folder: str) -> Optional[str]:
-    """The newest checkpoint in ``folder`` (highest step; else ``checkpoint.pt``), or None."""
+    """The newest checkpoint in ``folder``, or None.
+
+    That is ``checkpoint.pt`` (the numbered file it is a link to, when there is one), not the
+    highest step: numbered files of higher steps may be left from an earlier run in the same
+    folder, or from the branch a run resumed from an earlier checkpoint abandoned.  Without
+    ``checkpoint.pt``: the highest-step numbered file.
+    """
     numbered = numbered_checkpoints(folder)
-    if numbered:
-        return numbered[-1]
     latest = os.path.join(folder, LATEST_NAME)
-    return latest if os.path.isfile(latest) else None
+    if os.path.isfile(latest):
+        for path in reversed(numbered):
+            if os.path.samefile(path, latest):
+                return path
+        return latest
+    return numbered[-1] if numbered else None
 
 
 def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
@@ -131,7 +140,7 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer: Optional[to
     ``batch_in_epoch`` how many of its batches ran when it did not.
     With ``keep > 0`` the file goes to ``<folder>/checkpoint_step<step>.pt``, ``path`` becomes the
     same file (hard link, so the bytes are written once) and only the newest ``keep`` numbered
-    files are kept.  Returns the path written.
+    files up to this step are kept.  Returns the path written.
     """
     state = {
         "format_version": FORMAT_VERSION,
@@ -149,7 +158,11 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer: Optional[to
     numbered = os.path.join(folder, f"checkpoint_step{int(step):08d}.pt")
     atomic_torch_save(state, numbered)
     _link_or_copy_atomic(numbered, path)
-    for old in numbered_checkpoints(folder)[:-keep]:
+    # rotate among this run's checkpoints: files of later steps (an earlier run in this folder, or
+    # the branch a resume from an earlier checkpoint left) must not push out the one just written
+    mine = [p for p in numbered_checkpoints(folder)
+            if int(_NUMBERED.match(os.path.basename(p)).group(1)) <= int(step)]
+    for old in mine[:-keep]:
         os.remove(old)
     return numbered
 
