@@ -180,12 +180,21 @@ def test_update_bad_inputs_name_the_argument(case, exc, name, gen):
 @pytest.mark.parametrize("kwargs, name", [
     (dict(num_classes=0), "num_classes"), (dict(slots=2.5), "slots"), (dict(dim=-1), "dim"),
     (dict(prototypes=9, slots=8), "prototypes"), (dict(gamma=1.5), "gamma"), (dict(init="ones"), "init"),
-], ids=["num_classes", "slots", "dim", "prototypes", "gamma", "init"])
+    (dict(score_threshold=float("nan")), "score_threshold"),
+], ids=["num_classes", "slots", "dim", "prototypes", "gamma", "init", "score_threshold-nan"])
 def test_constructor_bad_arguments(kwargs, name):
     args = dict(num_classes=3, slots=8, dim=4, prototypes=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         MemoryBank(args.pop("num_classes"), args.pop("slots"), args.pop("dim"), **args)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(gamma="0.99"), "gamma"), (dict(gamma=None), "gamma"), (dict(score_threshold="0.7"), "score_threshold"),
+], ids=["gamma-str", "gamma-none", "score_threshold-str"])
+def test_constructor_non_numbers(kwargs, name):
+    with pytest.raises(TypeError, match=rf"\b{name}\b"):
+        MemoryBank(3, 8, 4, prototypes=2, **kwargs)
 
 
 def test_constructor_bad_dtype():

@@ -64,8 +64,13 @@ class MemoryBank(nn.Module):
                 raise ValueError(f"MemoryBank: {name} must be an int >= 1, got {value!r}")
         if prototypes > slots:
             raise ValueError(f"MemoryBank: prototypes (K = {prototypes}) must be <= slots (S = {slots})")
+        for name, value in (("gamma", gamma), ("score_threshold", score_threshold)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"MemoryBank: {name} must be a float, got {type(value).__name__}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"MemoryBank: gamma must be in [0, 1], got {gamma}")
+        if score_threshold != score_threshold:  # NaN: no score is above it, the bank would never be written
+            raise ValueError(f"MemoryBank: score_threshold must not be NaN, got {score_threshold}")
         if init not in ("randn", "zeros"):
             raise ValueError(f"MemoryBank: init must be 'randn' or 'zeros', got {init!r}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
