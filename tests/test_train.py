@@ -138,6 +138,22 @@ def test_voc_folder_smoke_with_list_and_irn_labels(tmp_path):
     assert metrics["steps"] == 2
 
 
+def test_public_command_line_without_dataset_trains_on_the_given_data(tmp_path):
+    """The public train.py has no --dataset choice (its --dataset is 'pascal_voc'): its command
+    line (--img_dir / --train_list / --test_list) must train on those files, not on synthetic data."""
+    root = tmp_path / "voc"
+    export_voc(str(root), train=6, val=3, num_classes=3, image_size=32, seed=1)
+    public = ["--img_dir", str(root / "JPEGImages"), "--train_list", str(root / "train_cls.txt")]
+    args = parse_args(TINY + public)
+    assert args.dataset == "voc" and args.train_list == str(root / "train_cls.txt")
+    assert parse_args(TINY + public + ["--dataset", "pascal_voc"]).dataset == "voc"
+    assert parse_args(TINY).dataset == "synthetic"
+    assert parse_args(["--num_classes", "80", "--train_list", str(root / "train_cls.txt")]).dataset == "coco"
+    metrics = main(TINY + public + ["--backbone", "tiny", "--num_workers", "0", "--max-steps", "1",
+                                    "--out", str(tmp_path / "a")])
+    assert metrics["dataset"] == "voc" and metrics["steps"] == 1
+
+
 def test_bad_paths_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere[/\\]train_cls\.txt"):
         main(TINY + ["--dataset", "voc", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])

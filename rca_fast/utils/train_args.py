@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--threshold", type=float, default=None, help=argparse.SUPPRESS)  # public, unused there too
 
     ours = p.add_argument_group("rca_fast flags")
-    ours.add_argument("--dataset", choices=sorted(DATASET_DEFAULTS), default="synthetic")
+    ours.add_argument("--dataset", choices=sorted(DATASET_DEFAULTS) + ["pascal_voc"], default=None,
+                      help="default: synthetic, or voc (coco with --num_classes 80) when --img_dir, "
+                           "--train_list or --test_list is given, as the public script trains on them; "
+                           "pascal_voc (the public script's name) = voc")
     ours.add_argument("--data-root", default="data", help="VOC/COCO folder (JPEGImages/, SegmentationClass[Aug]/)")
     ours.add_argument("--cls-labels", default=None, help="IRN cls_labels.npy for lists of bare names")
     ours.add_argument("--mask-dir", default=None,
@@ -144,6 +147,12 @@ def _first_file(*paths: str) -> Optional[str]:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill dataset-dependent defaults and check values; raises ValueError naming the flag."""
+    if args.dataset == "pascal_voc":
+        args.dataset = "voc"
+    elif args.dataset is None:
+        # a public train.py command line names its data with these flags and no --dataset
+        real = any(v is not None for v in (args.img_dir, args.train_list, args.test_list))
+        args.dataset = ("coco" if args.num_classes == 80 else "voc") if real else "synthetic"
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
