@@ -25,6 +25,7 @@ exactly as the reference decides it, so counts match the reference exactly.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -229,6 +230,12 @@ def _present_arg(labels: Optional[torch.Tensor], fallback: torch.Tensor) -> torc
     return labels.contiguous().view(torch.uint8)
 
 
+def _launch_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (tensors on cuda:1
+    while cuda:0 is current would otherwise be read by a kernel running on cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -323,11 +330,12 @@ def _launch_fwd(features: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     meta = dict(HAS_LABELS=has_labels, LP=_pow2(L), SLOTS=slots, ACC_FP64=fp64)
     # at least one D-block, so that mean and count are written even when D == 0
     grid = lambda m: (max(1, triton.cdiv(D, m["BLOCK_D"])), B)  # noqa: E731
-    if on_gpu and config is None:
-        _tuned_kernel("fwd", slots, fp64)[grid](*args, **meta)
-    else:
-        cfg = _config_kwargs(config, _INTERPRET_FWD)
-        _map_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
+    with _launch_device(features.device):
+        if on_gpu and config is None:
+            _tuned_kernel("fwd", slots, fp64)[grid](*args, **meta)
+        else:
+            cfg = _config_kwargs(config, _INTERPRET_FWD)
+            _map_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
     return emb, count, mean
 
 
@@ -362,11 +370,12 @@ def _launch_bwd(grad_emb: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     slots = slots or _slots(on_gpu, has_labels, L)
     meta = dict(HAS_LABELS=has_labels, LP=_pow2(L), SLOTS=slots, ACC_FP64=fp64)
     grid = lambda m: (triton.cdiv(D, m["BLOCK_D"]), triton.cdiv(HW, m["BLOCK_HW"]), B)  # noqa: E731
-    if on_gpu and config is None:
-        _tuned_kernel("bwd", slots, fp64)[grid](*args, **meta)
-    else:
-        cfg = _config_kwargs(config, _INTERPRET_BWD)
-        _map_bwd_kernel[grid(cfg)](*args, **meta, **cfg)
+    with _launch_device(grad_emb.device):
+        if on_gpu and config is None:
+            _tuned_kernel("bwd", slots, fp64)[grid](*args, **meta)
+        else:
+            cfg = _config_kwargs(config, _INTERPRET_BWD)
+            _map_bwd_kernel[grid(cfg)](*args, **meta, **cfg)
     return grad_features
 
 

@@ -316,3 +316,16 @@ def test_gpu_error_within_2x_of_reference(case, dtype, gen):
 @pytest.mark.gpu
 def test_gpu_default_backend_is_triton():
     assert ops.backend_for(OP, torch.device("cuda")) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_second_device(gen):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels launch on the tensors' device."""
+    torch.cuda.set_device(0)
+    features, cams, labels = (t.to("cuda:1") for t in make_inputs(SHAPES[0], gen, torch.float32))
+    upstream = torch.randn(features.shape[0], cams.shape[1], features.shape[1], generator=gen).to(features)
+    (emb, count, grad), (r_emb, r_count, r_grad) = run_both(features, cams, labels, upstream)
+    assert torch.equal(count, r_count)
+    torch.testing.assert_close(emb, r_emb)
+    torch.testing.assert_close(grad, r_grad)
