@@ -257,18 +257,20 @@ __global__ void point_error_kernel(const T* __restrict__ x, const T* __restrict_
                                    const int64_t* __restrict__ labels, double* __restrict__ err, int64_t S,
                                    int64_t D, int64_t K, int64_t n_init) {
   const int64_t p = blockIdx.x;
-  const int64_t s = static_cast<int64_t>(blockIdx.y) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (s >= S) return;
-  const T* row = x + ((p / n_init) * S + s) * D;
-  const T* c = centers + (p * K + labels[p * S + s]) * D;
-  double acc = 0;
-  for (int64_t d = lane; d < D; d += 32) {
-    const double diff = static_cast<double>(row[d]) - static_cast<double>(c[d]);
-    acc += diff * diff;
+  const int64_t step = static_cast<int64_t>(gridDim.y) * (blockDim.x / 32);  // grid-stride: S may
+  for (int64_t s = static_cast<int64_t>(blockIdx.y) * (blockDim.x / 32) + threadIdx.x / 32; s < S;
+       s += step) {                                                          // exceed 8 * 65535
+    const T* row = x + ((p / n_init) * S + s) * D;
+    const T* c = centers + (p * K + labels[p * S + s]) * D;
+    double acc = 0;
+    for (int64_t d = lane; d < D; d += 32) {
+      const double diff = static_cast<double>(row[d]) - static_cast<double>(c[d]);
+      acc += diff * diff;
+    }
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) err[p * S + s] = acc;
   }
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) err[p * S + s] = acc;
 }
 
 template <typename T>
@@ -371,7 +373,7 @@ LloydResult lloyd_cuda(const at::Tensor& x, const at::Tensor& xnorm, at::Tensor&
         xp, xnorm.data_ptr<T>(), cp, cnorm.data_ptr<T>(), nullptr, labels.data_ptr<int64_t>(), nullptr, nullptr,
         nullptr, nullptr, S, D, K, n_init);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    point_error_kernel<T><<<dim3(static_cast<unsigned>(n), blocks_for(S, 8)), 256, 0, stream>>>(
+    point_error_kernel<T><<<dim3(static_cast<unsigned>(n), std::min(blocks_for(S, 8), 65535u)), 256, 0, stream>>>(
         xp, cp, labels.data_ptr<int64_t>(), err.data_ptr<double>(), S, D, K, n_init);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
