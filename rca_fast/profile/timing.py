@@ -76,9 +76,10 @@ class Timer:
         if self.device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
-            start.record()
+            stream = torch.cuda.current_stream(self.device)  # not the current device's (cuda:N)
+            start.record(stream)
             call()
-            end.record()
+            end.record(stream)
             end.synchronize()
             return start.elapsed_time(end)
         t0 = time.perf_counter()
@@ -96,13 +97,14 @@ class Timer:
         if self.device.type == "cuda":
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            stream = torch.cuda.current_stream(self.device)
             for s, e in zip(starts, ends):
                 state = setup() if setup is not None else None
                 if self._flush_buf is not None:
                     self._flush_buf.zero_()
-                s.record()
+                s.record(stream)
                 fn(state) if setup is not None else fn()
-                e.record()
+                e.record(stream)
                 del state  # a forward graph per call: free it before the next one is built
             torch.cuda.synchronize(self.device)
             times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
