@@ -46,5 +46,7 @@ def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4,
         raise ValueError(f"{OP}: init must be 'k-means++' or 'random', got {init!r}")
     # detach: the extension op has no autograd formula, so on points that require grad its outputs
     # would carry a grad_fn that fails on backward (the reference detaches anyway).
+    if points.requires_grad:
+        points = points.detach()
     return _dispatch.implementation(OP, points.device)(
-        points.detach(), k, iters=iters, tol=float(tol), seed=int(seed), init=init, n_init=n_init)
+        points, k, iters=iters, tol=float(tol), seed=int(seed), init=init, n_init=n_init)
