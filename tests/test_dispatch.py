@@ -77,6 +77,13 @@ def test_unknown_backend_raises_naming_the_variable(fresh_dispatch, gen):
         _dispatch.backend_for("masked_average_pool", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("fn", ["backend_for", "available_backends"])
+def test_unknown_op_raises_naming_it_and_string_devices_work(fn, fresh_dispatch):
+    with pytest.raises(ValueError, match="no_such_op"):
+        getattr(ops, fn)("no_such_op", torch.device("cpu"))
+    assert getattr(ops, fn)("kmeans", "cpu") == getattr(ops, fn)("kmeans", torch.device("cpu"))
+
+
 @pytest.mark.parametrize("forced, op", [("triton", "kmeans"), ("triton", "ema_update_"),
                                         ("cuda", "masked_average_pool"), ("cuda", "bank_nce_loss"),
                                         ("cuda", "prototype_attention")])

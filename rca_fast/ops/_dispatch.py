@@ -74,8 +74,16 @@ def forced_backend() -> Optional[str]:
     return value
 
 
+def _check_op(fn: str, op) -> None:
+    if op not in PROVIDERS:
+        raise ValueError(f"{fn}: op must be one of {tuple(PROVIDERS)}, got {op!r}")
+
+
 def available_backends(op: str, device: torch.device) -> list:
-    """Backends that can run ``op`` on ``device`` here (imports the providers)."""
+    """Backends that can run ``op`` on ``device`` (a torch.device or a string) here (imports the
+    providers)."""
+    _check_op("available_backends", op)
+    device = torch.device(device)
     out = []
     for name, spec in PROVIDERS[op].items():
         if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -86,7 +94,9 @@ def available_backends(op: str, device: torch.device) -> list:
 
 
 def backend_for(op: str, device: torch.device) -> str:
-    """Which backend ``op`` uses for tensors on ``device``."""
+    """Which backend ``op`` uses for tensors on ``device`` (a torch.device or a string)."""
+    _check_op("backend_for", op)
+    device = torch.device(device)
     providers = PROVIDERS[op]
     forced = forced_backend()
     if forced is not None:
