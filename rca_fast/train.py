@@ -199,6 +199,7 @@ class Trainer:
         self.seconds = 0.0        # training time of earlier runs (resume)
         self.last_saved_step = -1
         self.stop_requested = False
+        self.stop_agreed = False  # a stop every rank knows of (train_step's all-reduce)
         resume = self.resolve_resume(args.resume)
         if resume:
             self.load(resume)
@@ -343,7 +344,12 @@ class Trainer:
     def train_step(self, batch: Dict, epoch: int) -> Dict[str, float]:
         out, loss, parts = self.compute_loss(batch, epoch)
         bad = not all(math.isfinite(parts[k]) for k in LOSS_KEYS)
-        bad_anywhere, self.stop_requested = distributed.any_rank([bad, self.stop_requested])
+        bad_anywhere, stop_anywhere = distributed.any_rank([bad, self.stop_requested])
+        # after_step acts on the agreed flag only: a signal landing on one rank after this
+        # all-reduce is taken up at the next step, or that rank alone would enter the save's
+        # collective while the others train on
+        self.stop_agreed = stop_anywhere
+        self.stop_requested = self.stop_requested or stop_anywhere
         if bad_anywhere:
             where = "" if bad else f" on another rank (rank {self.rank} had terms {parts})"
             raise FloatingPointError(
@@ -364,7 +370,7 @@ class Trainer:
         args = self.args
         if self.world > 1 and args.check_bank_every and self.step % args.check_bank_every == 0:
             distributed.check_bank_consistent(self.model.bank.bank, self.model.bank.ptr, self.step)
-        if self.stop_requested:
+        if self.stop_agreed:
             path = self.save()
             raise TrainingInterrupted(path, self.step)
         if args.save_every and self.step % args.save_every == 0:

@@ -229,6 +229,28 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_a_signal_after_the_steps_stop_agreement_waits_for_the_next_step(tmp_path):
+    """Under torchrun the ranks agree on stopping in train_step's all-reduce; a signal landing
+    on one rank after it must not make that rank alone save (a collective the others never
+    join): it is acted on after the next step's agreement."""
+    trainer = Trainer(parse_args(SYN + ["--epoch", "3", "--out", str(tmp_path)]))
+    trainer.train_epoch(1)
+    update_bank = trainer.model.update_bank
+    calls = []
+
+    def update_then_signal(out):
+        calls.append(trainer.step + 1)
+        if len(calls) == 1:
+            trainer.request_stop(signal.SIGINT, None)  # arrives mid-step 3, after the agreement
+        return update_bank(out)
+
+    trainer.model.update_bank = update_then_signal
+    with pytest.raises(train_mod.TrainingInterrupted, match="step 4"):
+        trainer.train_epoch(2)
+    assert calls == [3, 4]
+    assert ckpt.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 4
+
+
 def test_sigint_handler_path_in_process(tmp_path):
     trainer = Trainer(parse_args(SYN + ["--epoch", "3", "--out", str(tmp_path)]))
     trainer.train_epoch(1)
