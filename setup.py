@@ -20,6 +20,12 @@ def extensions():
         print("rca_fast: RCA_FAST_SKIP_EXT=1, not building the extension rca_fast._C")
         return [], {}
     try:
+        import torch  # noqa: F401
+    except ImportError:  # `pip install .` builds in an isolated environment without torch
+        print("rca_fast: torch is not importable at build time, not building the extension rca_fast._C "
+              "(for it: pip install --no-build-isolation .)")
+        return [], {}
+    try:
         from csrc_build import extension_modules  # noqa: F401  (added with the extension)
     except ImportError:
         return [], {}
