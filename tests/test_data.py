@@ -151,6 +151,25 @@ def test_read_class_list_errors_name_the_file(tmp_path):
         read_class_list(str(tmp_path / "nope.txt"), 20)
 
 
+def test_read_class_list_names_with_folder_or_extension(tmp_path):
+    (tmp_path / "l.txt").write_text("JPEGImages/2007_000032.jpg 3\n2007_000039.JPG 4\n/x/y/2007_000063 5\n")
+    entries = read_class_list(str(tmp_path / "l.txt"), 20)
+    assert [n for n, _ in entries] == ["2007_000032", "2007_000039", "2007_000063"]
+    assert [int(lab.argmax()) for _, lab in entries] == [3, 4, 5]
+
+
+def test_sixteen_bit_mask_above_255_is_refused_naming_the_file(tmp_path):
+    from rca_fast.data.voc import load_mask
+
+    ok = np.array([[0, 3], [255, 1]], np.uint16)
+    Image.fromarray(ok).save(tmp_path / "ok.png")  # a 16-bit grey PNG
+    assert np.array_equal(load_mask(str(tmp_path / "ok.png")), ok.astype(np.uint8))
+    bad = np.array([[0, 3], [300, 1]], np.uint16)  # 300 would wrap to 44 in uint8
+    Image.fromarray(bad).save(tmp_path / "bad.png")
+    with pytest.raises(DataFileError, match=r"bad\.png.*300"):
+        load_mask(str(tmp_path / "bad.png"))
+
+
 def test_irn_cls_labels(tmp_path, gen):
     L = 20
     vecs = (torch.rand(3, L, generator=gen) < 0.2).float().numpy()

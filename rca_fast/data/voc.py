@@ -63,7 +63,10 @@ def load_mask(path: str) -> np.ndarray:
         with Image.open(path) as img:
             if img.mode not in ("P", "L", "I", "I;16"):
                 raise ValueError(f"expected a palette or grey-level PNG, got mode {img.mode}")
-            return np.array(img).astype(np.uint8)
+            mask = np.array(img)
+        if mask.size and int(mask.max()) > 255:  # 16-bit PNGs: a cast to uint8 would wrap silently
+            raise ValueError(f"label values up to {int(mask.max())}; expected 0..255 (255 = ignore)")
+        return mask.astype(np.uint8)
     except DataFileError:
         raise
     except Exception as exc:
@@ -104,7 +107,10 @@ def read_class_list(path: str, num_classes: int, cls_labels: Optional[Dict[str, 
             fields = line.split()
             if not fields:
                 continue
-            name = os.path.splitext(os.path.basename(fields[0]))[0] if "/" in fields[0] else fields[0]
+            # "JPEGImages/x.jpg", "x.jpg" and "x" all name image x
+            name = os.path.basename(fields[0])
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
+                name = os.path.splitext(name)[0]
             label = None
             if len(fields) > 1:
                 label = np.zeros(num_classes, np.float32)
