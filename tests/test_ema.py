@@ -125,6 +125,17 @@ def test_successive_calls_equal_one_loop(gen):
     assert_bitwise(got_bank, got_ptr, bank, ptr)
 
 
+def test_rows_that_are_views_of_the_bank(gen):
+    """emb = bank rows (a view): read as they were before the call, as on the other backends."""
+    bank = torch.randn(3, 5, 37, generator=gen)
+    ptr = torch.tensor([0, 2, 4])
+    emb, target = bank[1, 1:4], torch.tensor([1, 1, 2])  # the first rows overwrite slots emb reads
+    want_bank, want_ptr = bank.clone(), ptr.clone()
+    oracles.ema_update_(want_bank, want_ptr, emb.clone(), target, gamma=0.7)
+    ops.ema_update_(bank, ptr, emb, target, gamma=0.7)
+    assert_bitwise(bank, ptr, want_bank, want_ptr)
+
+
 def test_no_rows_is_a_no_op(gen):
     bank = torch.randn(3, 4, 5, generator=gen)
     ptr = torch.tensor([1, 2, 3])

@@ -63,6 +63,19 @@ def test_bit_exact_sequential_loop(shape, dtype, device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_rows_that_are_views_of_the_bank(device, gen):
+    """emb = bank rows (a view): read as they were before the call, also by the one-launch kernel."""
+    bank, ptr, _, _ = make_inputs((3, 5, 37, 0), gen, torch.float32, device=device)
+    emb = bank[1, 1:4]                              # 3 rows of class 1 (a view of the bank)
+    target = torch.tensor([1, 1, 2], device=device)  # the first rows overwrite slots emb reads
+    ptr[1] = 2
+    want_bank, want_ptr = expected(bank, ptr, emb.clone(), target, 0.7)
+    ops.ema_update_(bank, ptr, emb, target, gamma=0.7)
+    assert torch.equal(ptr.cpu(), want_ptr)
+    assert torch.equal(bank.cpu(), want_bank)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("emb_dtype", [torch.bfloat16, torch.float64, torch.float16], ids=["bf16", "f64", "f16"])
 def test_emb_of_another_dtype(emb_dtype, device, gen):
     bank, ptr, emb, target = make_inputs((3, 4, 60, 11), gen, torch.float32, emb_dtype, device)

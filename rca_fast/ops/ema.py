@@ -50,4 +50,8 @@ def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target
         raise ValueError(f"{OP}: bank must be contiguous (it is updated in place), got strides {bank.stride()}")
     if emb.shape[0] == 0:
         return bank
+    if emb.untyped_storage().data_ptr() == bank.untyped_storage().data_ptr():
+        # rows that are views of the bank itself (e.g. bank[c, :2]): every backend reads them as
+        # they were before the call (the one-launch kernels would race with their own writes)
+        emb = emb.clone()
     return _dispatch.implementation(OP, dev)(bank, ptr, emb, target, gamma=float(gamma))
