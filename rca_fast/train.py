@@ -467,7 +467,8 @@ class Trainer:
         metrics["seconds"] = round(time.time() - start, 2)
         metrics.update(dataset=args.dataset, device=str(self.device), backbone=args.backbone,
                        contrast=bool(args.contrast), mixup=bool(args.mixup), aggregation=args.aggregation_mode,
-                       seed=args.seed, world_size=self.world)
+                       seed=args.seed, world_size=self.world,
+                       cpu_threads=torch.get_num_threads() if self.device.type == "cpu" else None)
         self.save(extra={"cam_best_threshold": metrics.get("cam_best_threshold")}, rng=rng_at_stop)
         if self.is_main:
             with open(os.path.join(args.out, "metrics.json"), "w") as f:

@@ -31,6 +31,7 @@ def test_synthetic_smoke_writes_checkpoint_and_metrics(tmp_path):
     metrics = main(SYN + ["--epoch", "2", "--out", str(tmp_path), "--att_dir", str(att)])
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["steps"] == 4 and saved["epochs"] == 2 and saved["seconds"] > 0
+    assert saved["cpu_threads"] == 1, "the thread count a CPU run trained with is recorded (--threads 1)"
     assert 0.0 <= saved["cam_miou"] <= 1.0 and saved["cam_miou"] == metrics["cam_miou"]
     assert len(saved["cam_miou_per_threshold"]) == 61
     state = load_checkpoint(str(tmp_path / "checkpoint.pt"))

@@ -41,6 +41,11 @@ def test_amp_runs_bf16_forward_and_keeps_the_bank_dtype(tmp_path, bank_dtype):
     assert state["model"]["bank.bank"].dtype == want and state["model_config"]["bank_dtype"] == bank_dtype
 
 
+@pytest.mark.parametrize("spelling,name", [("bf16", "bfloat16"), ("fp32", "float32"), ("bfloat16", "bfloat16")])
+def test_bank_dtype_short_spellings(spelling, name):
+    assert parse_args(SYN + ["--bank-dtype", spelling]).bank_dtype == name
+
+
 def test_without_amp_the_forward_is_fp32(tmp_path):
     trainer = Trainer(parse_args(SYN + ["--out", str(tmp_path)]))
     out, _, _ = trainer.compute_loss(_first_batch(trainer), 1)

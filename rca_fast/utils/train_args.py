@@ -30,6 +30,10 @@ DATASET_DEFAULTS = {
 }
 
 
+# --bank-dtype spellings -> the dtype name stored in checkpoints
+BANK_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m rca_fast.train",
@@ -98,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--contrast-weight", type=float, default=0.01)
     ours.add_argument("--contrast-start-epoch", type=int, default=2, help="1-based epoch the contrast term starts")
     ours.add_argument("--shared-final-head", action="store_true", help="one final CAM head, not one per class")
-    ours.add_argument("--num-images", type=int, default=None, help="synthetic training images (480)")
+    ours.add_argument("--num-images", type=int, default=None, help="synthetic training images (640)")
     ours.add_argument("--val-images", type=int, default=None,
                       help="images for the final CAM mIoU (synthetic: 160 generated; voc/coco: 0 = all)")
     ours.add_argument("--eval-scales", default="1.0", help="scales of the final CAM evaluation")
@@ -107,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(what a from-scratch network without normalisation needs to learn); "
                            "auto = kaiming for the tiny backbone, the model's own init otherwise")
     ours.add_argument("--threads", type=int, default=0,
-                      help="CPU threads for torch (0 = auto: the cores not busy with other processes)")
+                      help="CPU threads for torch (0 = auto: the cores not busy with other processes); "
+                           "fix it to reproduce a run: the float summation order, and so the trained "
+                           "weights, change with the thread count")
     ours.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     run = p.add_argument_group("checkpoints, scale-out and speed")
     run.add_argument("--save-every", type=int, default=0,
@@ -120,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", action="store_true",
                      help="bf16 autocast of the forward pass (GPU; also runs on CPU); the bank stays "
                           "--bank-dtype")
-    run.add_argument("--bank-dtype", choices=("float32", "bfloat16"), default="float32",
-                     help="dtype of the memory bank and prototypes (bfloat16 halves their memory)")
+    run.add_argument("--bank-dtype", choices=sorted(BANK_DTYPES), default="float32",
+                     help="dtype of the memory bank and prototypes (bfloat16 = bf16 halves their memory)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor)")
     return p
@@ -159,6 +165,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.decay_points_list = parse_decay_points(args.decay_points)
+    args.bank_dtype = BANK_DTYPES[args.bank_dtype]
     for flag, value, low in (("--num_classes", args.num_classes, 1), ("--batch_size", args.batch_size, 1),
                              ("--epoch", args.epoch, 1), ("--input_size", args.input_size, 16),
                              ("--crop_size", args.crop_size, 16), ("--bank-slots", args.bank_slots, 1),
