@@ -102,12 +102,9 @@ def test_public_op_dispatches_to_triton(monkeypatch, gen):
         ops.bank_nce_loss(query, bank, torch.full((5,), 3))
 
 
-@pytest.mark.parametrize("temperature", [0.07, 0.01])
-def test_extreme_similarities_are_stable(temperature, gen):
-    """Cosines of +-1 (s = +-100 at tau = 0.01: exp(s) overflows fp32): class directions e, -e, -e.
-    Class-0 rows see positives at +1/tau and every negative at -1/tau (loss ~ e^(-2/tau), kept by
-    the accurate softplus); class-1 rows see class 2's slots at +1/tau too; with mixup to the next
-    class, class-0 rows get positives at -1/tau against negatives at +1/tau (loss ~ 2/tau + log S)."""
+def extreme_draw(temperature, gen):
+    """One draw of the extreme case (see the test): checks the loss rows and returns (our max
+    gradient error, the fp32 reference's, the largest gradient entry), all against float64."""
     N, L, S, D = 5, 3, 21, 36
     e = torch.randn(D, generator=gen)
     directions = torch.stack([e, -e, -e])
@@ -123,14 +120,28 @@ def test_extreme_similarities_are_stable(temperature, gen):
     want_rows, want_grad = float64_reference(query, bank, target, kwargs, upstream, temperature)
     assert torch.isfinite(rows).all() and want_rows.max() > 1.5 / temperature
     torch.testing.assert_close(rows.double(), want_rows, rtol=1e-5, atol=1e-5)
-    # near +-1 cosines the gradient is a difference of nearly parallel vectors (the tangent
-    # projection of the normalisation), so fp32 itself loses digits: hold us to the reference's
-    # own fp32 error instead of a fixed tolerance
     q32 = query.clone().requires_grad_(True)
     ref_rows = ref_nce(q32, bank, target, temperature=temperature, reduction="none", **kwargs)
     (ref_grad,) = torch.autograd.grad((ref_rows * upstream).sum(), q32)
-    ours, theirs = (grad.double() - want_grad).abs().max(), (ref_grad.double() - want_grad).abs().max()
-    assert ours <= 2 * theirs + 1e-7 * want_grad.abs().max(), (ours, theirs)
+    return ((grad.double() - want_grad).abs().max().item(), (ref_grad.double() - want_grad).abs().max().item(),
+            want_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.01])
+def test_extreme_similarities_are_stable(temperature, gen):
+    """Cosines of +-1 (s = +-100 at tau = 0.01: exp(s) overflows fp32): class directions e, -e, -e.
+    Class-0 rows see positives at +1/tau and every negative at -1/tau (loss ~ e^(-2/tau), kept by
+    the accurate softplus); class-1 rows see class 2's slots at +1/tau too; with mixup to the next
+    class, class-0 rows get positives at -1/tau against negatives at +1/tau (loss ~ 2/tau + log S).
+
+    Near +-1 cosines the gradient is a difference of nearly parallel vectors (the tangent
+    projection of the normalisation), so fp32 itself loses digits: we are held to the fp32
+    reference's own error.  Both errors are rounding noise of the same size (ours / the
+    reference's: median 0.66 over 300 draws), so one draw's ratio passed 2 in 2% of the draws;
+    summed over 8 draws the worst ratio in 20,000 resamplings of those 300 draws was 1.41."""
+    draws = [extreme_draw(temperature, gen) for _ in range(8)]
+    ours, theirs, scale = (sum(d[i] for d in draws) for i in range(3))
+    assert ours <= 2 * theirs + 1e-7 * scale, (ours, theirs)
 
 
 def test_zero_query_and_zero_slot_give_no_nan(gen):
