@@ -44,7 +44,10 @@ setup(
     package_dir={"rca_fast.kernels": "kernels"},
     install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm", "pillow"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
-                    "plots": ["matplotlib"]},
+                    "plots": ["matplotlib"],
+                    # dense CRF of the public gen_labels step (python -m rca_fast.pseudo --refine crf);
+                    # C++, built from source; --refine par needs nothing beyond torch
+                    "crf": ["pydensecrf2"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
