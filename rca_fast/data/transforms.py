@@ -5,7 +5,6 @@ and std (what the public code and the torchvision backbones expect) into (3, H, 
 """
 from __future__ import annotations
 
-import math
 import random
 from typing import Optional, Tuple
 
@@ -93,10 +92,3 @@ def random_crop_pad(x: torch.Tensor, crop: int, rng) -> torch.Tensor:
     hh, ww = min(h, crop), min(w, crop)
     out[:, dy:dy + hh, dx:dx + ww] = x[:, sy:sy + hh, sx:sx + ww]
     return out
-
-
-def scaled_size(h: int, w: int, scale: float, multiple: int = 1) -> Tuple[int, int]:
-    """(h, w) x scale rounded, at least ``multiple`` and a multiple of it."""
-    def one(n):
-        return max(multiple, int(math.ceil(n * scale / multiple)) * multiple)
-    return one(h), one(w)

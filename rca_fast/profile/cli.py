@@ -8,13 +8,13 @@ DIR/trace.json (Chrome trace), DIR/step.json and DIR/step.png.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 from typing import List, Optional
 
 import torch
+
+from .jsonout import json_safe as _json_safe, write_json  # noqa: F401 (_json_safe: older callers)
 
 OPS_COLUMNS = """\
 columns of the ops table (and keys of each row in profile.json):
@@ -171,22 +171,10 @@ def main_ops(args) -> dict:
             doc["files"]["roofline"] = plots.roofline(doc, os.path.join(args.out, "roofline.png"))
         else:
             print("matplotlib is not installed: no roofline.png (pip install matplotlib)", file=sys.stderr)
-    with open(doc["files"]["json"], "w") as f:
-        json.dump(_json_safe(doc), f, indent=1)
+    write_json(doc["files"]["json"], doc)
     print(ops_mode.table(doc))
     print(f"wrote {', '.join(doc['files'].values())}")
     return doc
-
-
-def _json_safe(obj):
-    """NaN/inf become null (strict JSON readers reject them)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def main(argv: Optional[List[str]] = None):

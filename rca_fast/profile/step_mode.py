@@ -21,7 +21,6 @@ part's time is the host time of its ops, and "untracked" is Python time between 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import random
 import sys
@@ -30,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.autograd.profiler import record_function
 
+from .jsonout import write_json
 from .timing import Timer, environment
 
 PREFIX = "rca::"
@@ -412,9 +412,7 @@ def main(args, rest: List[str]) -> dict:
             [r for r in doc["split"] if r["kind"] != "part" or r["ms"] > 0],
             os.path.join(args.profile_out, "step.png"),
             title=f"rca_fast training step ({doc['time_base']} time)\n{doc['device']}")
-    from .cli import _json_safe
-    with open(doc["files"]["json"], "w") as f:
-        json.dump(_json_safe(doc), f, indent=1)
+    write_json(doc["files"]["json"], doc)
     print(table(doc))
     print(f"wrote {', '.join(doc['files'].values())}")
     return doc

@@ -7,12 +7,19 @@ maximum (IRN's convention), so values lie in [0, 1] and one background threshold
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..data.transforms import scaled_size
+
+def scaled_size(h: int, w: int, scale: float, multiple: int = 1) -> Tuple[int, int]:
+    """(h, w) x scale rounded up, at least ``multiple`` and a multiple of it (the size of a scaled
+    CAM input; defined here, not in rca_fast.data: utils sit below data and import nothing of it)."""
+    def one(n):
+        return max(multiple, int(math.ceil(n * scale / multiple)) * multiple)
+    return one(h), one(w)
 
 
 def parse_scales(text: str) -> Tuple[float, ...]:
