@@ -3,6 +3,7 @@
 The mIoU oracles are plain Python loops over pixels written here.
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -14,7 +15,10 @@ from rca_fast import evaluate as evaluate_mod
 from rca_fast import infer as infer_mod
 from rca_fast.data import DataFileError
 from rca_fast.data.synthetic import SyntheticShapes, export_voc
+from rca_fast.train import build_model
 from rca_fast.train import main as train_main
+from rca_fast.utils.cams import normalise_cams
+from rca_fast.utils.checkpoint import load_checkpoint
 from rca_fast.utils.metrics import CamSweepMeter, ConfusionMeter, cam_to_label
 from rca_fast.utils.palette import save_label_png
 
@@ -222,28 +226,149 @@ def test_infer_synthetic_then_evaluate(synthetic_checkpoint, tmp_path):
     ev = tmp_path / "ev"
     metrics = evaluate_mod.main(["--pred", str(out / "cams"), "--gt", str(out / "gt"), "--list",
                                  str(out / "list.txt"), "--num-classes", "5", "--out", str(ev), "--no-progress"])
-    assert 0 <= metrics["miou"] <= 1 and "best_threshold" in metrics
+    images = []
+    for i, name in enumerate(ds.names):
+        data = np.load(out / "cams" / f"{name}.npy", allow_pickle=True).item()
+        images.append((data["high_res"], data["keys"], ds.masks[i]))
+    # the sweep's best point and a few others against the pixel loops (all 61 would take seconds)
+    best = metrics["thresholds"].index(metrics["best_threshold"])
+    for ti in sorted({best, 0, 17, 42}):
+        t = metrics["thresholds"][ti]
+        _, want = iou_oracle([(cam_label_oracle(c, k, t), g) for c, k, g in images], 5)
+        assert abs(metrics["miou_per_threshold"][ti] - want) < 1e-9, f"threshold {t}"
+    assert metrics["miou"] == max(metrics["miou_per_threshold"])
     assert metrics["class_names"] == ["background"] + ds.class_names  # read from infer.json
 
 
+def cam_oracle(model, image, scales, out_size):
+    """Multi-scale + flip CAMs of one image written out step by step: for each scale resize
+    (ceil of size x scale), run the model, ReLU, upsample to ``out_size``, do the same for the
+    flipped image and flip its maps back, sum everything; float64 from the model's output on."""
+    H, W = image.shape[-2:]
+    total = 0
+    for scale in scales:
+        size = (math.ceil(H * scale), math.ceil(W * scale))
+        x = image[None] if size == (H, W) else torch.nn.functional.interpolate(
+            image[None], size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True):
+            cams = model(x.flip(-1) if flipped else x).cams.double()
+            cams = torch.nn.functional.interpolate(cams.clamp(min=0), size=out_size, mode="bilinear",
+                                                   align_corners=False)[0]
+            total = total + (cams.flip(-1) if flipped else cams)
+    return total.numpy()
+
+
+def pseudo_label_oracle(cams, keys, t, margin):
+    """The pseudo label pixel by pixel: ignore (255) within ``margin`` of the threshold on either
+    side, else the CAM label."""
+    label = cam_label_oracle(cams, keys, t)
+    if len(keys):
+        for y in range(cams.shape[1]):
+            for x in range(cams.shape[2]):
+                if abs(float(cams[:, y, x].max()) - t) < margin:
+                    label[y, x] = 255
+    return label
+
+
+@torch.no_grad()
+def test_infer_cams_match_a_multiscale_flip_loop(synthetic_checkpoint, tmp_path):
+    """The saved CAMs equal the loop above divided per class by its maximum; the pseudo labels
+    equal the pixel oracle on both sides of the ignore margin."""
+    out, t, margin = tmp_path / "inf", 0.3, 0.1
+    scales = (1.0, 0.5, 1.5)
+    infer_mod.main(["--checkpoint", str(synthetic_checkpoint), "--out", str(out), "--scales", "1.0,0.5,1.5",
+                    "--bg-threshold", str(t), "--ignore-margin", str(margin), "--no-progress", "--device", "cpu",
+                    "--threads", "1"])
+    state = load_checkpoint(str(synthetic_checkpoint))
+    model = build_model(state["model_config"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    ds = SyntheticShapes(3, 4, 32, seed=0, split="val")
+    near = far = 0  # pixels just inside / just outside the margin: the check must see both kinds
+    lit = negative = 0  # classes with a non-zero CAM, negative raw CAM values (else the ReLU is untested)
+    for i, name in enumerate(ds.names):
+        data = np.load(out / "cams" / f"{name}.npy", allow_pickle=True).item()
+        keys, cams = data["keys"], data["high_res"]
+        assert keys.tolist() == np.flatnonzero(ds.labels[i]).tolist() and len(keys)
+        raw = cam_oracle(model, ds[i]["image"], scales, (32, 32))[keys]
+        peak = raw.max(axis=(1, 2), keepdims=True)
+        want = np.where(peak > 0, raw / np.where(peak > 0, peak, 1), 0)
+        lit += int((peak > 0).sum())
+        negative += int((model(ds[i]["image"][None]).cams < 0).sum())
+        np.testing.assert_allclose(cams, want, rtol=0, atol=1e-4)
+        pseudo = np.asarray(Image.open(out / "pseudo" / f"{name}.png"))
+        assert np.array_equal(pseudo, pseudo_label_oracle(cams, keys, t, margin))
+        gap = np.abs(cams.max(axis=0) - t)
+        near += int(((gap < margin) & (gap > margin / 2)).sum())
+        far += int(((gap >= margin) & (gap < 2 * margin)).sum())
+    assert near > 0 and far > 0 and lit >= 3 and negative > 0, (near, far, lit, negative)
+
+
+def test_normalise_cams_clamps_negatives_and_divides_by_the_maximum(gen):
+    cams = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64)
+    cams[1, 2] = -cams[1, 2].abs()  # a map with no positive value becomes 0, not a negative ratio
+    got = normalise_cams(cams, eps=0.0 + 1e-12)
+    for b in range(2):
+        for l in range(3):
+            peak = max(0.0, float(cams[b, l].max()))
+            for y in range(5):
+                for x in range(7):
+                    want = max(0.0, float(cams[b, l, y, x])) / (peak + 1e-12)
+                    assert abs(float(got[b, l, y, x]) - want) < 1e-9
+    present = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    masked = normalise_cams(cams, present)
+    assert bool((masked[0, 1] == 0).all()) and bool((masked[1, 0] == 0).all())
+    assert bool((masked[0, 0] > 0).any())
+
+
 def test_infer_voc_folder(tmp_path):
+    """A VOC folder with IRN class labels, one image tagged with no class: its CAM file is empty and
+    its pseudo label all background; the pseudo labels match the oracle on both sides of the
+    margin; evaluate scores the CAMs and the PNGs as the pixel loops do (a class absent
+    everywhere is left out of the mean, not counted as 0)."""
     root = tmp_path / "voc"
     export_voc(str(root), train=6, val=3, num_classes=3, image_size=32, seed=4)
     run = tmp_path / "run"
     train_main(TINY + ["--dataset", "voc", "--data-root", str(root), "--backbone", "tiny", "--num_classes", "3",
                        "--num_workers", "0", "--max-steps", "1", "--out", str(run)])
+    names = [l.split()[0] for l in (root / "val_cls.txt").read_text().splitlines()]
+    tags = {n: np.zeros(3, np.float32) for n in names}
+    for line in (root / "val_cls.txt").read_text().splitlines():
+        for c in line.split()[1:]:
+            tags[line.split()[0]][int(c)] = 1
+    tags[names[1]][:] = 0  # no present class
+    np.save(tmp_path / "cls_labels.npy", tags)
+    (tmp_path / "bare.txt").write_text("".join(n + "\n" for n in names))
     out = tmp_path / "inf"
     infer_mod.main(["--checkpoint", str(run / "checkpoint.pt"), "--dataset", "voc", "--data-root", str(root),
-                    "--list", str(root / "val_cls.txt"), "--out", str(out), "--scales", "1.0", "--no-flip",
+                    "--list", str(tmp_path / "bare.txt"), "--cls-labels", str(tmp_path / "cls_labels.npy"),
+                    "--out", str(out), "--scales", "1.0", "--no-flip", "--bg-threshold", "0.2",
                     "--ignore-margin", "0.05", "--no-progress", "--device", "cpu"])
-    names = [l.split()[0] for l in (root / "val_cls.txt").read_text().splitlines()]
+    images, pairs = [], []
     for name in names:
         data = np.load(out / "cams" / f"{name}.npy", allow_pickle=True).item()
-        assert data["high_res"].shape[1:] == (32, 32)
+        keys, cams = data["keys"], data["high_res"]
+        assert keys.tolist() == np.flatnonzero(tags[name]).tolist()
+        assert cams.shape == (len(keys), 32, 32)
         pseudo = np.asarray(Image.open(out / "pseudo" / f"{name}.png"))
-        top = data["high_res"].max(axis=0)
-        t = json.loads((out / "infer.json").read_text())["bg_threshold"]
-        assert np.all(pseudo[np.abs(top - t) < 0.05] == 255)
+        assert np.array_equal(pseudo, pseudo_label_oracle(cams, keys, 0.2, 0.05))
+        if name == names[1]:
+            assert not pseudo.any()
+        gt = np.asarray(Image.open(root / "SegmentationClass" / f"{name}.png"))
+        images.append((cams, keys, gt))
+        pairs.append((pseudo, gt))
+    for pred, kind in ((out, "npy"), (out / "pseudo", "png")):
+        metrics = evaluate_mod.main(["--pred", str(pred), "--gt", str(root / "SegmentationClass"), "--list",
+                                     str(tmp_path / "bare.txt"), "--num-classes", "5", "--out",
+                                     str(tmp_path / f"ev_{kind}"), "--no-progress"]
+                                    + (["--bg-threshold", "0.2"] if kind == "npy" else []))
+        if kind == "npy":
+            pairs_at = [(cam_label_oracle(c, k, 0.2), g) for c, k, g in images]
+        else:
+            pairs_at = pairs
+        want_iou, want = iou_oracle(pairs_at, 5)
+        assert want_iou[4] != want_iou[4]  # class 4 appears nowhere: NaN, left out of the mean
+        assert abs(metrics["miou"] - want) < 1e-9, kind
     with pytest.raises(DataFileError, match=r"JPEGImages[/\\]ghost\.jpg"):
         (tmp_path / "ghost.txt").write_text("ghost 0\n")
         infer_mod.main(["--checkpoint", str(run / "checkpoint.pt"), "--dataset", "voc", "--data-root", str(root),
