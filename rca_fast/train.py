@@ -46,6 +46,7 @@ from .data import (SyntheticShapes, TrainTransform, VOCClassification, VOCSegmen
                    synthetic_class_names, COCO_CLASSES, VOC_CLASSES)
 from .model.losses import rca_loss
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales
+from .utils.att_maps import AttentionMaps
 from .utils.checkpoint import (LATEST_NAME, capture_rng_state, latest_checkpoint, load_checkpoint,
                                load_model_state, restore_rng_state, save_checkpoint)
 from .utils.logs import get_logger
@@ -174,6 +175,9 @@ class Trainer:
         np.random.seed(args.seed % 2 ** 32)
         torch.manual_seed(args.seed)
         self.train_set, self.eval_set, self.class_names = build_datasets(args)
+        # --att_dir: running maxima of the training images' final maps (rca_fast.utils.att_maps)
+        self.att_maps = AttentionMaps(args.att_dir, self.train_set.names, args.num_classes, args.input_size,
+                                      args.epoch) if args.att_dir else None
         self.config = model_config(args)
         self.model = build_model(self.config, args.pretrained)
         if args.init == "kaiming" or (args.init == "auto" and args.backbone == "tiny" and not args.pretrained):
@@ -241,6 +245,8 @@ class Trainer:
         self.epoch_done = bool(state.get("epoch_done", True))
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
         self.seconds = float(state.get("seconds", 0.0))
+        if self.att_maps is not None and state.get("att_maps"):
+            self.att_maps.load_state_dict(state["att_maps"])
         self.last_saved_step = self.step
         per_rank = state.get("rng_per_rank") or []
         if len(per_rank) == self.world:
@@ -266,6 +272,8 @@ class Trainer:
             per_rank = [None] * self.world
             torch.distributed.all_gather_object(per_rank, rng)
         self.last_saved_step = self.step
+        if self.att_maps is not None:
+            self.att_maps.merge_ranks()  # collective: every rank's maxima into the checkpoint
         if not self.is_main:
             return None
         path = os.path.join(self.args.out, LATEST_NAME)
@@ -277,7 +285,9 @@ class Trainer:
                                step=self.step, epoch_done=self.epoch_done, batch_in_epoch=self.batch_in_epoch,
                                model_config=self.config, args=vars(self.args), keep=self.args.keep,
                                extra=dict(seconds=self.seconds, class_names=self.class_names, scheduler=scheduler,
-                                          sampler=sampler, rng=rng, rng_per_rank=per_rank, **(extra or {})))
+                                          sampler=sampler, rng=rng, rng_per_rank=per_rank,
+                                          att_maps=self.att_maps.state_dict() if self.att_maps else None,
+                                          **(extra or {})))
 
     def request_stop(self, signum=None, frame=None) -> None:
         """SIGINT/SIGTERM handler: finish the current step, checkpoint, stop.  A second signal stops at once."""
@@ -360,6 +370,9 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         rows = self.model.update_bank(out) if self.uses_bank else 0
+        if self.att_maps is not None:
+            self.att_maps.update(out.cams, out.logits, batch["label"], batch["index"], epoch,
+                                 batch["image"].shape[-2:], batch.get("view"))
         if self.model.bank.bank.requires_grad:
             raise RuntimeError("the memory bank requires grad after the update; it must stay a buffer")
         parts["bank_rows"] = float(rows)
@@ -380,6 +393,8 @@ class Trainer:
         """One epoch (from batch ``skip``); returns the mean loss terms and the bank rows written."""
         self.model.train()
         lr = self.set_lr(epoch)
+        if self.att_maps is not None:
+            self.att_maps.sync_exists()  # the last-epoch rule needs every rank's "exists" flags
         if self.args.aggregation_mode != "none" and skip == 0:
             # a resumed partial epoch keeps the prototypes its start computed (restored with the model)
             self.model.refresh_prototypes(seed=self.args.seed * 1000 + epoch)
@@ -455,6 +470,11 @@ class Trainer:
                 self.save()
         # the RNG state where training stopped (evaluation below draws from the global RNG too)
         rng_at_stop = capture_rng_state()
+        if self.att_maps is not None:
+            self.att_maps.merge_ranks()
+            if self.is_main:
+                count = self.att_maps.write_pngs(progress=bool(args.progress))
+                self.log.info(f"--att_dir: wrote {count} attention maps to {args.att_dir}")
         train_seconds = time.time() - start
         metrics = {"epochs": self.epoch, "epoch_done": self.epoch_done, "steps": self.step,
                    "train_seconds": round(train_seconds, 2), "history": history}
@@ -500,8 +520,6 @@ class Trainer:
             for i in range(images.shape[0]):
                 keys = np.flatnonzero(labels[i].numpy() > 0)
                 meter.update(cams[i, keys], keys, batch["mask"][i].numpy())
-                if args.att_dir:
-                    self._write_attention(batch["name"][i], cams[i], keys)
         res = meter.result()
         self.model.train()
         names = ["background"] + list(self.class_names)
@@ -511,14 +529,6 @@ class Trainer:
                 "cam_per_class_iou": dict(zip(names, res["per_class_iou"])),
                 "cam_miou_per_threshold": res["miou_per_threshold"], "cam_images": len(self.eval_set),
                 "eval_seconds": round(time.time() - start, 2)}
-
-    def _write_attention(self, name: str, cams: np.ndarray, keys: Sequence[int]) -> None:
-        from PIL import Image
-
-        os.makedirs(self.args.att_dir, exist_ok=True)
-        for c in keys:
-            Image.fromarray((cams[c] * 255 + 0.5).clip(0, 255).astype(np.uint8)).save(
-                os.path.join(self.args.att_dir, f"{name}_{c}.png"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..utils.att_maps import identity_view
 from .transforms import normalize_image
 
 SHAPES = ("square", "disc", "triangle", "cross", "ring", "diamond", "star", "hexagon")
@@ -213,7 +214,8 @@ class SyntheticShapes(Dataset):
         seed: data seed.  split: "train" | "val" | "test" (independent streams of scenes).
         max_objects: 1..max objects per image.  flip: random horizontal flip in __getitem__.
     Items: dict with ``image`` (3, H, W) float normalised, ``label`` (L,) float 0/1,
-    ``mask`` (H, W) int64 (0 bg, c+1, 255 ignore), ``name`` str, ``index`` int.
+    ``mask`` (H, W) int64 (0 bg, c+1, 255 ignore), ``name`` str, ``index`` int, ``view`` (11,)
+    int64 (whole image, flipped or not; see rca_fast.utils.att_maps).
     Attributes ``images`` (N, H, W, 3) uint8, ``masks`` (N, H, W) uint8, ``labels`` (N, L) float32.
     """
 
@@ -244,10 +246,13 @@ class SyntheticShapes(Dataset):
     def __getitem__(self, index: int) -> Dict[str, object]:
         image = self._normalised[index]
         mask = torch.from_numpy(self.masks[index]).long()
-        if self.flip and torch.rand(()) < 0.5:
+        flipped = bool(self.flip and torch.rand(()) < 0.5)
+        if flipped:
             image, mask = image.flip(-1), mask.flip(-1)
+        # view: where the training input came from (here: the whole image, maybe flipped), so
+        # --att_dir can put each map back in place (rca_fast.utils.att_maps)
         return {"image": image, "label": torch.from_numpy(self.labels[index]), "mask": mask,
-                "name": self.names[index], "index": index}
+                "name": self.names[index], "index": index, "view": identity_view(*image.shape[-2:], flipped)}
 
     def raw_image(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8 image as drawn (for overlays)."""
