@@ -2,10 +2,13 @@
 
 Schedule (DESIGN §2), epochs counted from 1:
   * at the start of every epoch: learning rates set from ``--decay_points`` (x0.1 after each),
-    then ``model.refresh_prototypes`` (k-means of the bank) when aggregation is on;
+    then, when aggregation is on and the epoch is >= ``--aggregation-start-epoch`` (2),
+    ``model.refresh_prototypes`` (k-means of the bank, n_init 10; the first epoch keeps the
+    randn prototypes, as the public code);
   * every step: forward with the tags, ``rca_loss`` (the contrast term from
-    ``--contrast-start-epoch`` = 2 on), backward, SGD step, then ``model.update_bank(out)``
-    (the coarse CAM's region rows whose class score passes the threshold).  The bank is a
+    ``--contrast-start-epoch`` = 3 on, as the public code's 0-based ``epoch >= 2``), backward,
+    SGD step, then ``model.update_bank(out)`` (the coarse CAM's region rows whose FINAL-head
+    class score passes the threshold).  The bank is a
     buffer: it never requires grad (checked every step -- the public code crashed on that);
   * after every epoch, every ``--save-every`` steps and at the end: an atomic checkpoint
     ``OUT/checkpoint_step<N>.pt`` (the last ``--keep`` kept; ``OUT/checkpoint.pt`` is the newest)
@@ -74,7 +77,11 @@ def model_config(args) -> Dict:
                 prototypes=args.prototypes, gamma=args.gamma, score_threshold=args.score_threshold,
                 temperature=args.temperature, contrast=bool(args.contrast), mixup=bool(args.mixup),
                 mixup_alpha=args.mixup_alpha, aggregation=args.aggregation_mode,
-                shared_final_head=bool(args.shared_final_head), bank_dtype=getattr(args, "bank_dtype", "float32"))
+                shared_final_head=bool(args.shared_final_head), bank_dtype=getattr(args, "bank_dtype", "float32"),
+                attention_scale=getattr(args, "attention_scale", "sqrt"),
+                prototype_init=getattr(args, "prototype_init", "randn"),
+                first_write=getattr(args, "first_write", "ema"),
+                kmeans_warm_start=bool(getattr(args, "kmeans_warm_start", False)))
 
 
 def build_model(config: Dict, pretrained: Optional[str] = None):
@@ -87,15 +94,17 @@ def build_model(config: Dict, pretrained: Optional[str] = None):
     return RCAModel(pretrained=pretrained, **kwargs)
 
 
-def kaiming_init_(model: torch.nn.Module) -> None:
-    """He-normal (fan-in, ReLU) weights and zero biases for every conv and linear layer.
+def kaiming_init_(model: torch.nn.Module, keep_pretrained: bool = False) -> None:
+    """He-normal (fan-in, ReLU) weights and zero biases for every conv and linear layer
+    (with ``keep_pretrained``: of the layers not loaded from a pretrained backbone file).
 
     Why: the tiny backbone and the CAM heads have no normalisation layers; under PyTorch's
     default init each conv + ReLU shrinks the signal about 2.4x, so across the 8 layers from
     image to CAM it all but vanishes and SGD stays at the class prior.  He-normal keeps the
     scale, and the network learns.  (VGG16/ResNet50 come with their own init or weights.)
     """
-    for module in model.modules():
+    modules = model.new_modules() if keep_pretrained else [model]
+    for module in (m for top in modules for m in top.modules()):
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
             if module.bias is not None:
@@ -180,8 +189,8 @@ class Trainer:
                                       args.epoch) if args.att_dir else None
         self.config = model_config(args)
         self.model = build_model(self.config, args.pretrained)
-        if args.init == "kaiming" or (args.init == "auto" and args.backbone == "tiny" and not args.pretrained):
-            kaiming_init_(self.model)
+        if args.init == "kaiming" or (args.init == "auto" and args.backbone == "tiny"):
+            kaiming_init_(self.model, keep_pretrained=bool(args.pretrained))
         if args.bank_init == "zeros":
             self.model.bank.bank.zero_()
         self.model.to(self.device)
@@ -233,9 +242,12 @@ class Trainer:
         ckpt_bank = state["model"].get("bank.bank")
         shapes = (f"; memory bank (classes, slots, dim): checkpoint {tuple(ckpt_bank.shape)}, these flags "
                   f"{tuple(self.model.bank.bank.shape)}") if ckpt_bank is not None else ""
-        if state.get("model_config") and state["model_config"] != self.config:
-            diff = {k: (state["model_config"].get(k), v) for k, v in self.config.items()
-                    if state["model_config"].get(k) != v}
+        # keys missing from an older checkpoint's config are the public recipe's values
+        public = {"attention_scale": "sqrt", "prototype_init": "randn", "first_write": "ema",
+                  "kmeans_warm_start": False}
+        saved = dict(public, **(state.get("model_config") or {}))
+        if state.get("model_config") and saved != self.config:
+            diff = {k: (saved.get(k), v) for k, v in self.config.items() if saved.get(k) != v}
             raise ValueError(f"--resume {path}: the checkpoint's model differs from these flags "
                              f"(checkpoint, flags): {diff}{shapes}")
         load_model_state(self.model, state["model"], path)
@@ -395,9 +407,12 @@ class Trainer:
         lr = self.set_lr(epoch)
         if self.att_maps is not None:
             self.att_maps.sync_exists()  # the last-epoch rule needs every rank's "exists" flags
-        if self.args.aggregation_mode != "none" and skip == 0:
-            # a resumed partial epoch keeps the prototypes its start computed (restored with the model)
-            self.model.refresh_prototypes(seed=self.args.seed * 1000 + epoch)
+        if self.args.aggregation_mode != "none" and skip == 0 and epoch >= self.args.aggregation_start_epoch:
+            # public code: the randn prototypes in the first epoch, k-means of the bank (n_init 10)
+            # at the start of every later one.  A resumed partial epoch keeps the prototypes its
+            # start computed (restored with the model).  Warm start: one fixed seed (the first fit).
+            seed = self.args.seed if self.args.kmeans_warm_start else self.args.seed * 1000 + epoch
+            self.model.refresh_prototypes(seed=seed, n_init=self.args.kmeans_n_init)
         sums = {k: 0.0 for k in LOSS_KEYS}
         rows, count, start = 0, 0, time.time()
         self.epoch, self.epoch_done, self.batch_in_epoch = epoch, False, skip

@@ -154,8 +154,8 @@ def test_aggregation_against_pixel_loop(mode, gen):
                 if mode == "softmax":
                     e = [math.exp(s / math.sqrt(D) - max(scores) / math.sqrt(D)) for s in scores]
                     coef = [v / sum(e) for v in e]
-                else:                                   # public code: scores * 2 / (K*L), no softmax
-                    coef = [s * 2 / (K * L) for s in scores]
+                else:  # the public code's `matmul(query, key) / K * 20`, left to right, no softmax
+                    coef = [s / K * 20 for s in scores]
                 ctx = sum(c * v for c, v in zip(coef, values))
                 o = agg.out.weight[:, :, 0, 0] @ ctx + agg.out.bias
                 want[b, :, i, j] = agg.fuse.weight[:, :, 0, 0] @ torch.cat([f, o]) + agg.fuse.bias
@@ -369,21 +369,48 @@ def test_pretrained_round_trip_and_errors(tmp_path, gen):
 
 # ----------------------------------------------------------------------------- optimiser groups
 
-@pytest.mark.parametrize("backbone", ["tiny", "resnet50"])
-def test_param_groups(backbone):
-    model = RCAModel(3, backbone=backbone, bank_slots=2, prototypes=1)
+@pytest.mark.parametrize("backbone,attention_scale", [("tiny", "learned"), ("resnet50", "sqrt")])
+def test_param_groups(backbone, attention_scale):
+    """The public code's groups: x10 / x20 only for what it names ``extra`` (CAM heads, projector;
+    here also resnet50's new conv1x1); Q/K/V, aggre, concat_project and the backbone x1 / x2;
+    weight decay on every parameter, biases included."""
+    model = RCAModel(3, backbone=backbone, bank_slots=2, prototypes=1, attention_scale=attention_scale)
     groups = model.param_groups(lr=1e-3, weight_decay=5e-4)
     seen = {}
     for g in groups:
         for p in g["params"]:
             assert id(p) not in seen
             seen[id(p)] = (g["lr"], g["weight_decay"])
+    assert len(seen) == len(list(model.parameters()))
+    aggregation = 0
     for name, p in model.named_parameters():
-        new = not name.startswith("backbone.") or name.startswith("backbone.reduce.")
+        extra = name.split(".")[0] in ("coarse_head", "final_head", "projector") or name.startswith("backbone.reduce.")
+        aggregation += name.startswith("aggregation.")
         bias = name.endswith(".bias")
-        lr = 1e-3 * {(False, False): 1, (False, True): 2, (True, False): 10, (True, True): 20}[(new, bias)]
-        assert seen[id(p)] == pytest.approx((lr, 0.0 if bias else 5e-4)), name
+        lr = 1e-3 * {(False, False): 1, (False, True): 2, (True, False): 10, (True, True): 20}[(extra, bias)]
+        assert seen[id(p)] == pytest.approx((lr, 5e-4)), name
+    assert aggregation == 10 + (attention_scale == "learned")  # q, k, v, out, fuse (weight + bias) [+ scale]
     torch.optim.SGD(groups, lr=1e-3, momentum=0.9, nesterov=True)
+
+
+def test_new_layers_public_init(gen):
+    """Every conv RCA adds: weights N(0, 0.01) (sample std within 5%), biases PyTorch's default
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (not zero); the backbone keeps its own init."""
+    model = RCAModel(3, backbone="vgg16", bank_slots=2, prototypes=1)
+    convs = 0
+    for top in (model.coarse_head, model.final_head, model.projector, model.aggregation):
+        for m in top.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                convs += 1
+                w = m.weight.detach().double()
+                assert abs(float(w.std()) - 0.01) < 0.05 * 0.01 + 3 * 0.01 / math.sqrt(2 * w.numel()), m
+                assert abs(float(w.mean())) < 4 * 0.01 / math.sqrt(w.numel())
+                if m.bias is not None:
+                    bound = 1 / math.sqrt(m.weight[0].numel())
+                    assert float(m.bias.abs().max()) <= bound and float(m.bias.abs().max()) > 0.1 * bound
+    assert convs == 4 + 4 + 2 + 3
+    first = model.backbone.features[0].weight.detach()
+    assert float(first.std()) > 0.05  # torchvision's kaiming fan_out for 3x3x64: std ~0.059
 
 
 # ----------------------------------------------------------------------------- bad inputs

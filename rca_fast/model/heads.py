@@ -4,12 +4,15 @@ Shapes: features F (B, D, h, w); CAMs (B, L, h, w); prototypes (L, K, D).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .. import ops
 
 AGGREGATIONS = ("softmax", "linear", "none")
+ATTENTION_SCALES = ("sqrt", "one", "learned")  # softmax temperature: 1/sqrt(D), 1, a learned scalar (init 1/sqrt(D))
 
 
 class CAMHead(nn.Module):
@@ -85,18 +88,24 @@ class PrototypeAggregation(nn.Module):
 
     ``mode``:
       * ``"softmax"`` (the paper, default): ``rca_fast.ops.prototype_attention``, i.e.
-        softmax(q k^T / sqrt(D)) v (the 1/sqrt(D) temperature keeps the softmax out of saturation
-        for unnormalised 512-d features).
-      * ``"linear"`` (the public code): no softmax; the scores are scaled by 2 / (K*L) (2/(K*20)
-        for VOC) and multiply v directly: context = (q k^T) * 2/(K*L) @ v.
+        softmax(scale * q k^T) v with ``scale`` from ``attention_scale``: ``"sqrt"`` 1/sqrt(D)
+        (default: keeps the softmax out of saturation for unnormalised 512-d features; the paper
+        writes no scale), ``"one"`` 1 (the paper's formula), ``"learned"`` a trained scalar
+        (log-parametrised, starts at 1/sqrt(D)).
+      * ``"linear"`` (the public code): no softmax; the public code computes
+        ``matmul(q, k^T) / K * 20`` with K the prototypes per class, which Python evaluates left
+        to right: scores x 20/K (x 2 at K = 10), multiplying v directly.
       * ``"none"``: no aggregation, F passes through unchanged (ablation).
     """
 
-    def __init__(self, channels: int, mode: str = "softmax"):
+    def __init__(self, channels: int, mode: str = "softmax", attention_scale: str = "sqrt"):
         super().__init__()
         if mode not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+        if attention_scale not in ATTENTION_SCALES:
+            raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, got {attention_scale!r}")
         self.mode = mode
+        self.attention_scale = attention_scale
         if mode == "none":
             return
         D = channels
@@ -105,6 +114,14 @@ class PrototypeAggregation(nn.Module):
         self.value = nn.Linear(D, D)
         self.out = nn.Conv2d(D, D, 1)
         self.fuse = nn.Conv2d(2 * D, D, 1)
+        if mode == "softmax" and attention_scale == "learned":
+            self.log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(D)))
+
+    def scale(self, dim: int):
+        """The softmax temperature: a float, or a 0-d tensor (learned)."""
+        if self.attention_scale == "learned":
+            return self.log_scale.exp()
+        return 1.0 if self.attention_scale == "one" else dim ** -0.5
 
     def forward(self, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """F (B, D, h, w), prototypes (L, K, D) (a buffer: no gradient) -> F-hat (B, D, h, w)."""
@@ -117,8 +134,14 @@ class PrototypeAggregation(nn.Module):
         key, value = self.key(protos), self.value(protos)
         query = self.query(features).flatten(2).transpose(1, 2)                # (B, hw, D)
         if self.mode == "softmax":
-            context = ops.prototype_attention(query, key, value)
+            scale = self.scale(D)
+            if isinstance(scale, torch.Tensor):  # learned: the op takes a float scale, so fold it into q
+                context = ops.prototype_attention(query * scale, key, value, scale=1.0)
+            else:
+                context = ops.prototype_attention(query, key, value, scale=scale)
         else:
-            context = torch.matmul(torch.matmul(query, key.t()) * (2.0 / protos.shape[0]), value)
+            K = prototypes.shape[1]
+            # the public code's expression, evaluated as Python does: (q k^T) / K * 20
+            context = torch.matmul(torch.matmul(query, key.t()) / K * 20, value)
         context = context.transpose(1, 2).reshape(B, D, h, w)
         return self.fuse(torch.cat([features, self.out(context)], dim=1))

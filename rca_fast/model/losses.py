@@ -8,13 +8,13 @@ import torch.nn.functional as F
 
 
 def rca_loss(out, labels: torch.Tensor, epoch: int, *, coarse_weight: float = 0.4,
-             contrast_weight: float = 0.01, contrast_start_epoch: int = 2) -> Tuple[torch.Tensor, Dict[str, float]]:
+             contrast_weight: float = 0.01, contrast_start_epoch: int = 3) -> Tuple[torch.Tensor, Dict[str, float]]:
     """``MLSM(O) + coarse_weight * MLSM(P) [+ contrast_weight * contrast]``.
 
     MLSM is the multilabel soft margin loss on the GAP class scores (mean over classes and
     images).  The contrast term is added when ``epoch >= contrast_start_epoch`` and
     ``out.contrast_loss`` is not None; epochs count from 1, so the default adds it from the
-    second epoch on.
+    third epoch on, as the public code (which skips it while its 0-based epoch is < 2).
 
     Args:
         out: an ``RCAOutput`` (logits (B, L), coarse_logits (B, L), contrast_loss scalar or None).

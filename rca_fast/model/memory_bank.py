@@ -40,6 +40,26 @@ def gather_rows(emb: torch.Tensor, target: torch.Tensor):
             torch.cat([t[:c] for t, c in zip(tgts, counts)]))
 
 
+@torch.no_grad()
+def lloyd(points: torch.Tensor, centroids: torch.Tensor, *, iters: int = 100, tol: float = 1e-4) -> torch.Tensor:
+    """Lloyd's k-means iterations from given centroids (a warm start): points (L, S, D),
+    centroids (L, K, D) -> (L, K, D).  An empty cluster keeps its centroid.  Stops when the
+    squared centroid shift of every problem is below ``tol`` x the points' mean variance."""
+    c = centroids.clone()
+    limit = tol * points.var(dim=1).mean(dim=-1)                                # (L,)
+    for _ in range(iters):
+        nearest = torch.cdist(points, c).argmin(dim=-1)                         # (L, S)
+        one_hot = torch.nn.functional.one_hot(nearest, c.shape[1]).to(points.dtype)  # (L, S, K)
+        counts = one_hot.sum(dim=1)                                             # (L, K)
+        sums = one_hot.transpose(1, 2) @ points                                 # (L, K, D)
+        new = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), c)
+        shift = ((new - c) ** 2).sum(dim=-1).sum(dim=-1)                        # (L,)
+        c = new
+        if bool((shift <= limit).all()):
+            break
+    return c
+
+
 class MemoryBank(nn.Module):
     """Region-embedding memory of RCA (DESIGN §3).
 
@@ -52,11 +72,20 @@ class MemoryBank(nn.Module):
         score_threshold: rows are written only when their class score is above it (0.7).
         init: "randn" (the public code's bank) or "zeros".
         dtype: bank dtype (float32, or bfloat16 to halve its memory).
+        prototype_init: the prototypes before the first k-means: "randn" (the public code's
+            first-epoch clusters) or "zeros" (an exactly uniform, constant aggregation context).
+        first_write: "ema" (public: every write is ``gamma*slot + (1-gamma)*emb``) or "copy"
+            (improved: a slot's first write copies the region, so a written slot is data, not
+            99% initial noise); adds the buffer ``writes`` (L,) int64 (rows written per class).
+        kmeans_warm_start: ``refresh_prototypes`` after the first one starts Lloyd iterations
+            from the previous prototypes (improved: prototypes move smoothly between epochs);
+            adds the buffer ``fitted`` (0-d bool).
     """
 
     def __init__(self, num_classes: int, slots: int = 500, dim: int = 512, *, gamma: float = 0.99,
                  prototypes: int = 10, score_threshold: float = 0.7, init: str = "randn",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, prototype_init: str = "randn",
+                 first_write: str = "ema", kmeans_warm_start: bool = False):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("slots", slots), ("dim", dim),
                             ("prototypes", prototypes)):
@@ -73,6 +102,10 @@ class MemoryBank(nn.Module):
             raise ValueError(f"MemoryBank: score_threshold must not be NaN, got {score_threshold}")
         if init not in ("randn", "zeros"):
             raise ValueError(f"MemoryBank: init must be 'randn' or 'zeros', got {init!r}")
+        if prototype_init not in ("randn", "zeros"):
+            raise ValueError(f"MemoryBank: prototype_init must be 'randn' or 'zeros', got {prototype_init!r}")
+        if first_write not in ("ema", "copy"):
+            raise ValueError(f"MemoryBank: first_write must be 'ema' or 'copy', got {first_write!r}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise TypeError(f"MemoryBank: dtype must be a float dtype, got {dtype}")
         self.gamma = float(gamma)
@@ -81,7 +114,14 @@ class MemoryBank(nn.Module):
         make = torch.randn if init == "randn" else torch.zeros
         self.register_buffer("bank", make(num_classes, slots, dim).to(dtype))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
-        self.register_buffer("prototypes", torch.zeros(num_classes, prototypes, dim, dtype=dtype))
+        make_protos = torch.randn if prototype_init == "randn" else torch.zeros
+        self.register_buffer("prototypes", make_protos(num_classes, prototypes, dim).to(dtype))
+        self.first_write = first_write
+        self.kmeans_warm_start = bool(kmeans_warm_start)
+        if first_write == "copy":
+            self.register_buffer("writes", torch.zeros(num_classes, dtype=torch.long))
+        if self.kmeans_warm_start:
+            self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @property
     def num_classes(self) -> int:
@@ -113,8 +153,31 @@ class MemoryBank(nn.Module):
             emb, target = emb[keep], target[keep]
         emb, target = gather_rows(emb.to(self.bank.device), target.to(self.bank.device))
         if emb.shape[0]:
-            ops.ema_update_(self.bank, self.ptr, emb, target, gamma=self.gamma)
+            if self.first_write == "copy":
+                self._update_first_copy(emb, target)
+            else:
+                ops.ema_update_(self.bank, self.ptr, emb, target, gamma=self.gamma)
         return int(emb.shape[0])
+
+    def _update_first_copy(self, emb: torch.Tensor, target: torch.Tensor) -> None:
+        """``ema_update_``, except that a row landing on a never-written slot is copied into it.
+
+        Row i of class c goes to slot (ptr[c] + its rank among this call's rows of c) mod S, as in
+        ``ema_update_``; slot s of c has been written before iff ``writes[c] > s``."""
+        L, S, _ = self.bank.shape
+        one_hot = torch.nn.functional.one_hot(target, L)                      # (N, L)
+        rank = (one_hot.cumsum(0) - one_hot)[torch.arange(target.shape[0], device=target.device), target]
+        if int(one_hot.sum(0).max()) > S:  # a slot hit twice in one call: apply in two halves
+            half = target.shape[0] // 2
+            self._update_first_copy(emb[:half], target[:half])
+            self._update_first_copy(emb[half:], target[half:])
+            return
+        slot = (self.ptr[target] + rank) % S
+        first = ~(self.writes[target] > slot)   # never written before this call (no slot is hit twice in it)
+        ops.ema_update_(self.bank, self.ptr, emb, target, gamma=self.gamma)
+        if bool(first.any()):
+            self.bank[target[first], slot[first]] = emb[first].to(self.bank.dtype)
+        self.writes += one_hot.sum(0)
 
     def _check_rows(self, emb, target, score) -> None:
         """TypeError/ValueError naming the argument (before any row is filtered or gathered)."""
@@ -139,12 +202,22 @@ class MemoryBank(nn.Module):
     def refresh_prototypes(self, seed: int = 0, **kmeans_kwargs) -> torch.Tensor:
         """k-means of each class's slots -> ``prototypes`` (L, K, D).
 
+        ``kmeans_kwargs`` go to ``ops.kmeans`` (e.g. ``n_init=10``, the public code's scikit-learn).
+        With ``kmeans_warm_start``, every refresh after the first runs Lloyd iterations from the
+        current prototypes instead (:func:`lloyd`; deterministic, no seed).
+
         Under torch.distributed rank 0 computes them and broadcasts, so every rank holds the same.
         """
         if _world() == 1 or dist.get_rank() == 0:
             points = self.bank if self.bank.dtype == torch.float64 else self.bank.float()
-            centroids, _, _ = ops.kmeans(points, self.num_prototypes, seed=seed, **kmeans_kwargs)
+            if self.kmeans_warm_start and bool(self.fitted):
+                centroids = lloyd(points, self.prototypes.to(points.dtype), iters=kmeans_kwargs.get("iters", 100),
+                                  tol=kmeans_kwargs.get("tol", 1e-4))
+            else:
+                centroids, _, _ = ops.kmeans(points, self.num_prototypes, seed=seed, **kmeans_kwargs)
             self.prototypes.copy_(centroids.to(self.prototypes.dtype))
+        if self.kmeans_warm_start:
+            self.fitted.fill_(True)
         if _world() > 1:
             dist.broadcast(self.prototypes, src=0)
         return self.prototypes

@@ -38,7 +38,7 @@ class RCAOutput:
     contrast_loss: Optional[torch.Tensor] = None  # scalar (labels given, contrast on)
     bank_emb: Optional[torch.Tensor] = None       # (N, D) detached masked averages of F
     bank_target: Optional[torch.Tensor] = None    # (N,) int64 class of each row
-    bank_score: Optional[torch.Tensor] = None     # (N,) sigmoid of the coarse logit of that class
+    bank_score: Optional[torch.Tensor] = None     # (N,) sigmoid of the FINAL-head logit of that class
     region_image: Optional[torch.Tensor] = None   # (N,) int64 image of each row
     mix_partner: Optional[torch.Tensor] = None    # (N,) int64 row mixed into each row (mixup on)
     mix_weight: Optional[torch.Tensor] = None     # (N,) weight w of each row's own region
@@ -95,7 +95,7 @@ def draw_mixup(region_image: torch.Tensor, num_images: int, alpha: float,
 
 
 def region_contrast(features: torch.Tensor, query_features: Optional[torch.Tensor], coarse_cams: torch.Tensor,
-                    coarse_logits: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, *,
+                    score_logits: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, *,
                     temperature: float = 0.07, contrast: bool = True, mixup: bool = True,
                     mixup_alpha: float = 8.0, generator: Optional[torch.Generator] = None,
                     draws: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> RegionContrast:
@@ -106,7 +106,8 @@ def region_contrast(features: torch.Tensor, query_features: Optional[torch.Tenso
         query_features: (B, D, h, w) projector features (contrast queries; differentiable);
             unused (may be None) when ``contrast`` is False.
         coarse_cams: (B, L, h, w) coarse CAMs P (regions = softmax over classes > spatial mean).
-        coarse_logits: (B, L) GAP of P (bank scores = sigmoid).
+        score_logits: (B, L) the logits whose sigmoid is each row's bank score: the public code
+            gates the bank write with its FINAL head's (GAP of O), which ``RCAModel`` passes.
         labels: (B, L) bool present classes.
         bank: (L, S, D) memory bank (constant).
         mixup: mix each query with a partner row (:func:`draw_mixup`, or ``draws`` = (partner
@@ -128,7 +129,7 @@ def region_contrast(features: torch.Tensor, query_features: Optional[torch.Tenso
     keep = count[image, target] > 0                                         # drop empty regions
     image, target = image[keep], target[keep]
     emb = bank_emb[image, target]
-    score = torch.sigmoid(coarse_logits.detach()[image, target])
+    score = torch.sigmoid(score_logits.detach()[image, target])
     if not contrast:
         return RegionContrast(None, emb, target, score, image, None, None)
     query_emb, _ = ops.masked_average_pool(query_features, probs, labels)
@@ -158,10 +159,14 @@ class RCAModel(nn.Module):
         num_classes: L.  backbone: "vgg16" | "resnet50" | "tiny".
         pretrained: local torchvision-style state dict of the backbone (never downloaded).
         bank_slots: S.  prototypes: K per class.  gamma: bank EMA momentum.
-        score_threshold: bank rows are written only when sigmoid(coarse logit) is above it.
+        score_threshold: bank rows are written only when sigmoid(final-head logit) is above it.
         temperature: NCE tau.  contrast: compute the contrast loss.  mixup: region mixup
             (in training mode only; eval forwards use the plain NCE).  mixup_alpha: Beta parameter.
         aggregation: "softmax" (paper) | "linear" (public code) | "none".
+        attention_scale: softmax temperature "sqrt" (1/sqrt(D)) | "one" | "learned".
+        prototype_init, first_write, kmeans_warm_start: see :class:`MemoryBank`.
+    New layers (heads, projector, aggregation, resnet50's conv1x1) get the public code's
+    initialisation: every conv weight N(0, 0.01), PyTorch's default biases.
         shared_final_head: one final CAM head for all classes instead of one branch per class.
         bank_dtype: dtype of the memory bank.
     Head widths equal the feature dimension D (512 for vgg16/resnet50, 64 for tiny).
@@ -171,7 +176,9 @@ class RCAModel(nn.Module):
                  bank_slots: int = 500, prototypes: int = 10, gamma: float = 0.99,
                  score_threshold: float = 0.7, temperature: float = 0.07, contrast: bool = True,
                  mixup: bool = True, mixup_alpha: float = 8.0, aggregation: str = "softmax",
-                 shared_final_head: bool = False, bank_dtype: torch.dtype = torch.float32):
+                 shared_final_head: bool = False, bank_dtype: torch.dtype = torch.float32,
+                 attention_scale: str = "sqrt", prototype_init: str = "randn", first_write: str = "ema",
+                 kmeans_warm_start: bool = False):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"RCAModel: num_classes must be an int >= 1, got {num_classes!r}")
@@ -194,10 +201,28 @@ class RCAModel(nn.Module):
         self.coarse_head = CAMHead(D, D, num_classes)
         # Without contrast the projector would be an unused parameter set (DDP rejects those).
         self.projector = Projector(D) if self.contrast else None
-        self.aggregation = PrototypeAggregation(D, aggregation)
+        self.aggregation = PrototypeAggregation(D, aggregation, attention_scale)
         self.final_head = CAMHead(D, D, num_classes) if shared_final_head else PerClassCAMHead(D, D, num_classes)
         self.bank = MemoryBank(num_classes, bank_slots, D, gamma=gamma, prototypes=prototypes,
-                               score_threshold=score_threshold, dtype=bank_dtype)
+                               score_threshold=score_threshold, dtype=bank_dtype, prototype_init=prototype_init,
+                               first_write=first_write, kmeans_warm_start=kmeans_warm_start)
+        self.init_new_layers_()
+
+    @torch.no_grad()
+    def init_new_layers_(self) -> None:
+        """The public code's init of the layers RCA adds: conv weights N(0, 0.01), biases as PyTorch
+        sets them (the Linear key/value layers keep PyTorch's default too)."""
+        for module in self.new_modules():
+            for m in module.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.normal_(0.0, 0.01)
+
+    def new_modules(self) -> list:
+        """Modules not in a pretrained backbone file: heads, projector, aggregation, backbone new layers."""
+        mods = [self.coarse_head, self.final_head, self.aggregation] + ([self.projector] if self.projector else [])
+        for prefix in self.backbone.new_layer_prefixes:
+            mods.append(self.backbone.get_submodule(prefix.rstrip(".")))
+        return mods
 
     def _check_inputs(self, images, labels) -> Optional[torch.Tensor]:
         """Validate images/labels; returns labels as bool (B, L) or None."""
@@ -251,7 +276,8 @@ class RCAModel(nn.Module):
         if present is None:
             return out
         query_features = self.projector(features) if self.contrast else None
-        rc = region_contrast(features, query_features, coarse_cams, coarse_logits, present, self.bank.bank,
+        # the bank write is gated by the final head's score, as the public code does
+        rc = region_contrast(features, query_features, coarse_cams, out.logits, present, self.bank.bank,
                              temperature=self.temperature, contrast=self.contrast,
                              mixup=self.mixup and self.training, mixup_alpha=self.mixup_alpha,
                              generator=generator)
@@ -269,28 +295,38 @@ class RCAModel(nn.Module):
         return self.bank.update(out.bank_emb, out.bank_target, out.bank_score)
 
     @torch.no_grad()
-    def refresh_prototypes(self, seed: int = 0) -> torch.Tensor:
-        """k-means of each class's bank slots -> ``bank.prototypes`` (L, K, D)."""
-        return self.bank.refresh_prototypes(seed)
+    def refresh_prototypes(self, seed: int = 0, **kmeans_kwargs) -> torch.Tensor:
+        """k-means of each class's bank slots -> ``bank.prototypes`` (L, K, D) (kwargs: ``ops.kmeans``'s)."""
+        return self.bank.refresh_prototypes(seed, **kmeans_kwargs)
+
+    # parameters the public code names ``extra*`` (lr x10 / x20): its CAM heads and projector; our
+    # resnet50's new conv1x1 is a head-like new layer and joins them
+    EXTRA_PREFIXES = ("coarse_head.", "final_head.", "projector.")
+
+    def is_extra(self, name: str) -> bool:
+        if name.startswith(self.EXTRA_PREFIXES):
+            return True
+        return name.startswith("backbone.") and self.backbone.is_new_layer(name[len("backbone."):])
 
     def param_groups(self, lr: float, weight_decay: float) -> list:
         """SGD parameter groups with the public code's multipliers.
 
-        backbone weights: lr x1, weight decay; backbone biases: lr x2, no decay; new-layer
-        (heads, projector, aggregation, resnet50's conv1x1) weights: lr x10, decay; new-layer
-        biases: lr x20, no decay.  Every group carries ``lr_mult`` (for learning-rate schedules)
-        and ``name``; empty groups are left out.
+        ``extra`` parameters (the CAM heads, the projector; resnet50's conv1x1): weights lr x10,
+        biases lr x20; every other parameter (backbone, and the aggregation's Q/K/V, ``aggre``
+        (``out``) and ``concat_project`` (``fuse``) layers, which the public code does not name
+        ``extra``): weights x1, biases x2.  Weight decay on every parameter, biases included, as
+        the public code.  Every group carries ``lr_mult`` (for learning-rate schedules) and
+        ``name``; empty groups are left out.
         """
         if not lr > 0 or weight_decay < 0:
             raise ValueError(f"RCAModel.param_groups: need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
-        groups = {("backbone", "weight"): [], ("backbone", "bias"): [], ("new", "weight"): [], ("new", "bias"): []}
+        groups = {("base", "weight"): [], ("base", "bias"): [], ("extra", "weight"): [], ("extra", "bias"): []}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            sub = name[len("backbone."):] if name.startswith("backbone.") else None
-            part = "backbone" if sub is not None and not self.backbone.is_new_layer(sub) else "new"
+            part = "extra" if self.is_extra(name) else "base"
             groups[(part, "bias" if name.endswith("bias") else "weight")].append(param)
-        mults = {("backbone", "weight"): 1, ("backbone", "bias"): 2, ("new", "weight"): 10, ("new", "bias"): 20}
-        return [{"params": params, "lr": lr * mults[key], "lr_mult": mults[key],
-                 "weight_decay": weight_decay if key[1] == "weight" else 0.0, "name": "_".join(key)}
+        mults = {("base", "weight"): 1, ("base", "bias"): 2, ("extra", "weight"): 10, ("extra", "bias"): 20}
+        return [{"params": params, "lr": lr * mults[key], "lr_mult": mults[key], "weight_decay": weight_decay,
+                 "name": "_".join(key)}
                 for key, params in groups.items() if params]

@@ -30,6 +30,17 @@ DATASET_DEFAULTS = {
 }
 
 
+# --recipe: values of the recipe flags left unset.  "public" reproduces the public code; "improved"
+# holds the aggregation until the bank holds data (constant context from zero prototypes before
+# --aggregation-start-epoch), copies a slot's first write, and warm-starts k-means from the
+# previous prototypes (fixed seed) -- measured in benchmarks/results/method_check*.md.
+RECIPES = {
+    "public": dict(attention_scale="sqrt", prototype_init="randn", aggregation_start_epoch=2, first_write="ema",
+                   kmeans_warm_start=False),
+    "improved": dict(attention_scale="sqrt", prototype_init="zeros", aggregation_start_epoch=4, first_write="copy",
+                     kmeans_warm_start=True),
+}
+
 # --bank-dtype spellings -> the dtype name stored in checkpoints
 BANK_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -88,7 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--no-aggregation", action="store_true", help="drop the prototype aggregation")
     ours.add_argument("--no-mixup", dest="mixup", action="store_false", help="contrast without region mixup")
     ours.add_argument("--aggregation", choices=("softmax", "linear"), default="softmax",
-                      help="softmax (paper) or linear (public code: scores x 2 / (K*20), no softmax)")
+                      help="softmax (paper) or linear (public code: matmul(q, k) / K * 20, i.e. scores x 20/K, "
+                           "no softmax)")
+    ours.add_argument("--recipe", choices=sorted(RECIPES), default="public",
+                      help="defaults of the recipe flags below: public (what the public code computes) or "
+                           "improved (aggregation held until the bank holds data, first write copies, "
+                           "k-means warm start); a recipe flag given explicitly wins")
+    ours.add_argument("--attention-scale", choices=("sqrt", "one", "learned"), default=None,
+                      help="softmax aggregation temperature: 1/sqrt(D) (default), 1 (the paper's formula) or "
+                           "a learned scalar")
+    ours.add_argument("--prototype-init", choices=("randn", "zeros"), default=None,
+                      help="prototypes before the first k-means: randn (public code) or zeros (a constant, "
+                           "uniform aggregation context)")
+    ours.add_argument("--aggregation-start-epoch", type=int, default=None,
+                      help="1-based epoch from which the prototypes are k-means of the bank (refreshed at the "
+                           "start of every epoch); before it they stay at --prototype-init. Public code: 2")
+    ours.add_argument("--first-write", choices=("ema", "copy"), default=None,
+                      help="a bank slot's first write: ema (public: 1%% region, 99%% initial noise) or copy")
+    ours.add_argument("--kmeans-warm-start", dest="kmeans_warm_start", action="store_const", const=True,
+                      default=None, help="k-means after the first from the previous prototypes (Lloyd), "
+                                         "first one with the fixed seed --seed")
+    ours.add_argument("--kmeans-n-init", type=int, default=10,
+                      help="k-means restarts per refresh (10: scikit-learn's default in the public code's time)")
     ours.add_argument("--bank-slots", type=int, default=None, help="S per class (voc 500, synthetic 64)")
     ours.add_argument("--bank-init", choices=("randn", "zeros"), default="randn",
                       help="initial bank slots: randn (public code) or zeros (a slot then points along its "
@@ -100,16 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--mixup-alpha", type=float, default=8.0)
     ours.add_argument("--coarse-weight", type=float, default=0.4)
     ours.add_argument("--contrast-weight", type=float, default=0.01)
-    ours.add_argument("--contrast-start-epoch", type=int, default=2, help="1-based epoch the contrast term starts")
+    ours.add_argument("--contrast-start-epoch", type=int, default=3,
+                      help="1-based epoch the contrast term starts (3: the public code skips it while its "
+                           "0-based epoch is < 2)")
     ours.add_argument("--shared-final-head", action="store_true", help="one final CAM head, not one per class")
     ours.add_argument("--num-images", type=int, default=None, help="synthetic training images (640)")
     ours.add_argument("--val-images", type=int, default=None,
                       help="images for the final CAM mIoU (synthetic: 160 generated; voc/coco: 0 = all)")
     ours.add_argument("--eval-scales", default="1.0", help="scales of the final CAM evaluation")
     ours.add_argument("--init", choices=("auto", "kaiming", "default"), default="auto",
-                      help="weight init of the model: kaiming = He-normal for every conv/linear layer "
-                           "(what a from-scratch network without normalisation needs to learn); "
-                           "auto = kaiming for the tiny backbone, the model's own init otherwise")
+                      help="weight init: default = the model's own (public code: new convs N(0, 0.01)); "
+                           "kaiming = He-normal for every conv/linear layer not loaded from --pretrained "
+                           "(what the tiny network without normalisation needs to learn); auto = kaiming "
+                           "for the tiny backbone, default otherwise")
     ours.add_argument("--threads", type=int, default=0,
                       help="CPU threads for torch (0 = auto: the cores not busy with other processes); "
                            "fix it to reproduce a run: the float summation order, and so the trained "
@@ -184,6 +219,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--prototypes ({args.prototypes}) must be <= --bank-slots ({args.bank_slots})")
     args.aggregation_mode = "none" if args.no_aggregation else args.aggregation
     if args.dataset != "synthetic":
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for flag, value in (("--aggregation-start-epoch", args.aggregation_start_epoch),
+                        ("--kmeans-n-init", args.kmeans_n_init)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
         root = args.data_root
         seg = os.path.join(root, "ImageSets", "Segmentation")
         args.img_dir = args.img_dir or os.path.join(root, "JPEGImages")
