@@ -2,9 +2,22 @@
 
 Every message names the op, the argument, what was expected and what was given, so a user
 never meets an opaque kernel failure or a silent NaN instead.
+
+Value checks (index ranges, finiteness, weight ranges, 0/1 labels) read tensor values, and on a
+GPU reading a value on the host waits for the device: several stalls per op call, every training
+step.  So they depend on where the tensor lives:
+
+* CPU tensors, or any tensor when ``RCA_FAST_CHECK_VALUES=1``: full checks on the host, raising a
+  ValueError that names the argument and the values found;
+* CUDA tensors otherwise: the same conditions as device-side asserts (``torch._assert_async``), which
+  never block the host; a violation stops the process at a later CUDA call with the same message
+  (a device assert cannot be caught: rerun with ``RCA_FAST_CHECK_VALUES=1`` for the ValueError);
+* other devices (meta / fake tensors while tracing): no value checks.
+Shape, dtype and device checks read no values and run everywhere.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -46,17 +59,71 @@ def check_nonempty(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must not be empty, got shape {_shape(t)}")
 
 
+CHECK_VALUES_ENV = "RCA_FAST_CHECK_VALUES"
+
+
+def host_value_checks(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values are checked on the host (CPU tensors, or RCA_FAST_CHECK_VALUES=1)."""
+    if os.environ.get(CHECK_VALUES_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return t.device.type == "cpu"
+
+
+def _device_assert(ok: torch.Tensor, message: str) -> None:
+    """``ok`` (a 0-d bool tensor) asserted on the device, without a host synchronisation."""
+    if ok.device.type != "cuda":
+        return                       # meta / fake tensors (tracing): nothing to check
+    try:
+        torch._assert_async(ok, message)
+    except TypeError:                # a torch whose _assert_async takes no message
+        torch._assert_async(ok)
+
+
+def check_true(op: str, name: str, ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError ``f"{op}: {name} {message}"`` unless every entry of the bool tensor ``ok``
+    is true (host check or device assert, see the module note)."""
+    if ok.numel() == 0:
+        return
+    if host_value_checks(ok):
+        if not bool(ok.all()):
+            raise ValueError(f"{op}: {name} {message}")
+    else:
+        _device_assert(ok.all(), f"{op}: {name} {message}")
+
+
 def check_finite(op: str, name: str, t: torch.Tensor) -> None:
     """Reject NaN/Inf inputs (a cheap reduction; keeps NaN from spreading into the bank)."""
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{op}: {name} contains NaN or Inf")
+    if not t.is_floating_point() or not t.numel():
+        return
+    if host_value_checks(t):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{op}: {name} contains NaN or Inf")
+    else:
+        _device_assert(torch.isfinite(t).all(), f"{op}: {name} contains NaN or Inf")
 
 
 def check_index(op: str, name: str, t: torch.Tensor, high: int) -> None:
     """Raise ValueError unless every entry of the integer tensor ``t`` is in [0, high)."""
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
-        raise ValueError(f"{op}: {name} entries must be in [0, {high}), "
-                         f"got values in [{int(t.min())}, {int(t.max())}]")
+    if not t.numel():
+        return
+    if host_value_checks(t):
+        if int(t.min()) < 0 or int(t.max()) >= high:
+            raise ValueError(f"{op}: {name} entries must be in [0, {high}), "
+                             f"got values in [{int(t.min())}, {int(t.max())}]")
+    else:
+        _device_assert(((t >= 0) & (t < high)).all(), f"{op}: {name} entries must be in [0, {high})")
+
+
+def check_range(op: str, name: str, t: torch.Tensor, lo: float, hi: float) -> None:
+    """Raise ValueError unless every entry of ``t`` lies in [lo, hi] (NaN does not)."""
+    if not t.numel():
+        return
+    if host_value_checks(t):
+        t_lo, t_hi = float(t.min()), float(t.max())
+        if not (lo <= t_lo and t_hi <= hi) or bool(torch.isnan(t).any()):
+            raise ValueError(f"{op}: {name} must lie in [{lo}, {hi}], got values in [{t_lo}, {t_hi}]")
+    else:
+        _device_assert(((t >= lo) & (t <= hi)).all(), f"{op}: {name} must lie in [{lo}, {hi}]")
 
 
 def check_positive(op: str, name: str, value, *, allow_zero: bool = False) -> None:

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _dispatch
-from ._validate import FLOAT_DTYPES, INT_DTYPES, check_dim, check_tensor
+from ._validate import FLOAT_DTYPES, INT_DTYPES, check_dim, check_tensor, check_true
 
 OP = "masked_average_pool"
 
@@ -39,7 +39,6 @@ def masked_average_pool(features: torch.Tensor, cams: torch.Tensor,
             raise ValueError(f"{OP}: labels must have shape (B, L) = {tuple(cams.shape[:2])}, "
                              f"got {tuple(labels.shape)}")
         if labels.dtype != torch.bool:
-            if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
-                raise ValueError(f"{OP}: labels must be bool or 0/1, got other values")
+            check_true(OP, "labels", (labels == 0) | (labels == 1), "must be bool or 0/1, got other values")
             labels = labels != 0
     return _dispatch.implementation(OP, dev)(features, cams, labels)

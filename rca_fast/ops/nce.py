@@ -6,7 +6,8 @@ from typing import Optional, Union
 import torch
 
 from . import _dispatch
-from ._validate import FLOAT_DTYPES, INT_DTYPES, check_dim, check_index, check_positive, check_tensor
+from ._validate import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_index, check_positive, check_range,
+                        check_tensor)
 
 OP = "bank_nce_loss"
 
@@ -62,13 +63,13 @@ def bank_nce_loss(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
                          dtypes=FLOAT_DTYPES, device=dev)
             if mix_weight.dim() == 1:
                 check_dim(OP, "mix_weight", mix_weight, 0, query.shape[0], "row count N of query")
-            w_lo, w_hi = (float(mix_weight.min()), float(mix_weight.max())) if mix_weight.numel() else (0.0, 0.0)
+            check_range(OP, "mix_weight", mix_weight, 0.0, 1.0)   # no host sync on a GPU (_validate)
         elif isinstance(mix_weight, (int, float)) and not isinstance(mix_weight, bool):
-            w_lo = w_hi = float(mix_weight)
+            if not 0.0 <= float(mix_weight) <= 1.0:
+                raise ValueError(f"{OP}: mix_weight must lie in [0, 1], got values in "
+                                 f"[{float(mix_weight)}, {float(mix_weight)}]")
         else:
             raise TypeError(f"{OP}: mix_weight must be a float or a tensor, got {type(mix_weight).__name__}")
-        if not (0.0 <= w_lo and w_hi <= 1.0):
-            raise ValueError(f"{OP}: mix_weight must lie in [0, 1], got values in [{w_lo}, {w_hi}]")
     return _dispatch.implementation(OP, dev)(
         query, bank, target, temperature=float(temperature), mix_target=mix_target,
         mix_weight=mix_weight, reduction=reduction)
