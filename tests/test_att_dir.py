@@ -153,3 +153,36 @@ def test_tiny_run_writes_public_maps_and_resume_continues(tmp_path, monkeypatch)
     assert sorted(got_b) == sorted(got)
     for name in got:
         np.testing.assert_array_equal(got_b[name], got[name], err_msg=name)
+
+
+def test_voc_train_crops_land_on_their_image(gen):
+    """TrainTransform's random scale, flip and crop, undone through its view: a bright blob's map
+    lands in the image-grid cell of the blob, whatever crop the image got (fresh draws)."""
+    from rca_fast.data import TrainTransform
+    H0, W0, size, crop = 53, 71, 64, 48
+    checked = 0
+    for _ in range(30):
+        cy = float(torch.empty(()).uniform_(8, H0 - 8, generator=gen))
+        cx = float(torch.empty(()).uniform_(8, 20, generator=gen))     # off-centre: a lost flip shows
+        yy, xx = np.mgrid[0:H0, 0:W0]
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0 ** 2))
+        image = np.repeat((blob * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+        tf = TrainTransform(size, crop, jitter=False, seed=int(torch.randint(0, 10 ** 9, (1,), generator=gen)))
+        x, view = tf.with_view(image)
+        _, _, h, w, flip, sy, sx, dy, dx, hh, ww = view.tolist()
+        assert tuple(x.shape) == (3, crop, crop) and (h, w) == tuple(int(round(v * max(h, w) / W0)) for v in (H0, W0))
+        # the blob in the crop: resized coords, flipped, shifted; skip crops that cut it
+        by, bx = (cy + 0.5) * h / H0 - 0.5, (cx + 0.5) * w / W0 - 0.5
+        bx = (w - 1) - bx if flip else bx
+        if not (sy + 8 <= by < sy + hh - 8 and sx + 8 <= bx < sx + ww - 8):
+            continue
+        cam = F.avg_pool2d((x.mean(0) - x.mean(0).min())[None, None], 8)    # (1, 1, 6, 6) stride 8
+        acc = AttentionMaps("unused", ["a"], 1, input_size=size, epochs=9)
+        acc.update(cam, torch.zeros(1, 1), torch.ones(1, 1), [0], 2, (crop, crop), view[None])
+        m = acc.maps[(0, 0)].numpy().astype(np.float64)
+        gh, gw = m.shape
+        iy, ix = np.unravel_index(np.argmax(m), m.shape)
+        want_y, want_x = int(cy / H0 * gh), int(cx / W0 * gw)
+        assert abs(iy - want_y) <= 1 and abs(ix - want_x) <= 1, (iy, ix, want_y, want_x, view.tolist())
+        checked += 1
+    assert checked >= 5

@@ -269,3 +269,24 @@ def test_par_improves_miou_over_none_on_synthetic(gen):
     none, par = meters["none"].miou(), meters["par"].miou()
     print(f"mIoU none {none:.3f} par {par:.3f}")
     assert par > none + 0.05
+
+
+def test_gt_saliency_stand_in(tmp_path, gen):
+    """python -m rca_fast.data saliency: box blur (replicate borders) of the foreground, noise 0 here."""
+    from rca_fast.data.__main__ import main as data_main
+    from rca_fast.utils.palette import save_label_png
+    h, w = 9, 14
+    mask = torch.randint(0, 4, (h, w), generator=gen).numpy().astype(np.uint8)
+    mask[0, 0] = 255
+    save_label_png(str(tmp_path / "m" / "a.png"), mask)
+    (tmp_path / "l.txt").write_text("a 0 2\n")
+    data_main(["saliency", "--masks", str(tmp_path / "m"), "--list", str(tmp_path / "l.txt"), "--out",
+               str(tmp_path / "s"), "--blur", "3", "--noise", "0"])
+    got = np.array(Image.open(tmp_path / "s" / "a.png"))
+    fg = ((mask > 0) & (mask < 255)).astype(np.float64)
+    want = np.zeros((h, w))
+    for y in range(h):
+        for x in range(w):
+            want[y, x] = sum(fg[min(max(y + a, 0), h - 1), min(max(x + b, 0), w - 1)]
+                             for a in (-1, 0, 1) for b in (-1, 0, 1)) / 9
+    np.testing.assert_allclose(got, np.round(want * 255), atol=1)

@@ -57,7 +57,8 @@ class TrainTransform:
     Resize the longer side to ``input_size`` (x a random scale in ``scale_range``), random
     horizontal flip, colour jitter, then a random ``crop_size`` x ``crop_size`` crop, padded with
     the mean colour (0 after normalisation) where the image is smaller.
-    Returns a (3, crop_size, crop_size) float tensor.
+    Returns a (3, crop_size, crop_size) float tensor; :meth:`with_view` also says where the crop
+    came from (for ``--att_dir``, which puts each training map back on its image).
     """
 
     def __init__(self, input_size: int, crop_size: int, *, scale_range: Tuple[float, float] = (0.9, 1.1),
@@ -69,19 +70,30 @@ class TrainTransform:
         self.rng = random.Random(seed) if seed is not None else random
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.with_view(image)[0]
+
+    def with_view(self, image: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(crop (3, crop, crop), view (11,) int64): original (H0, W0), resized (h, w), flip, crop
+        source (sy, sx), destination (dy, dx), copied size (hh, ww) -- see rca_fast.utils.att_maps."""
         rng = self.rng
+        H0, W0 = image.shape[:2]
         long_side = max(8, round(self.input_size * rng.uniform(*self.scale_range)))
         image = resize_long(image, long_side)
-        if self.flip and rng.random() < 0.5:
+        flipped = bool(self.flip and rng.random() < 0.5)
+        if flipped:
             image = image[:, ::-1]
         if self.jitter:
             image = color_jitter(image, rng)
         x = normalize_image(torch.from_numpy(np.ascontiguousarray(image)))
-        return random_crop_pad(x, self.crop_size, rng)
+        box = []
+        out = random_crop_pad(x, self.crop_size, rng, box)
+        view = torch.tensor([H0, W0, x.shape[1], x.shape[2], int(flipped)] + box, dtype=torch.int64)
+        return out, view
 
 
-def random_crop_pad(x: torch.Tensor, crop: int, rng) -> torch.Tensor:
-    """Random crop of a (C, H, W) tensor to (C, crop, crop), zero-padding a short side."""
+def random_crop_pad(x: torch.Tensor, crop: int, rng, box: Optional[list] = None) -> torch.Tensor:
+    """Random crop of a (C, H, W) tensor to (C, crop, crop), zero-padding a short side.
+    ``box``, when given, receives [sy, sx, dy, dx, hh, ww]: out[dy:dy+hh, dx:dx+ww] = x[sy:sy+hh, sx:sx+ww]."""
     c, h, w = x.shape
     out = x.new_zeros(c, crop, crop)
     # where the image is larger: pick the window; where smaller: pick where the image lands
@@ -91,4 +103,6 @@ def random_crop_pad(x: torch.Tensor, crop: int, rng) -> torch.Tensor:
     dx = rng.randint(0, max(0, crop - w))
     hh, ww = min(h, crop), min(w, crop)
     out[:, dy:dy + hh, dx:dx + ww] = x[:, sy:sy + hh, sx:sx + ww]
+    if box is not None:
+        box[:] = [sy, sx, dy, dx, hh, ww]
     return out

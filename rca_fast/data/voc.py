@@ -183,7 +183,8 @@ class VOCClassification(Dataset):
     """Images and tags for training (real data, VOC or COCO).
 
     Items: dict ``image`` (3, crop, crop) float from ``transform(uint8 image)``, ``label`` (L,),
-    ``name``, ``index``.  Every image is checked to exist at construction.
+    ``name``, ``index`` and, when the transform has ``with_view`` (TrainTransform), ``view`` (11,)
+    int64: where the crop came from (rca_fast.utils.att_maps).  Every image is checked to exist at construction.
     """
 
     def __init__(self, list_path: str, img_dir: str, num_classes: int, transform, *,
@@ -204,9 +205,13 @@ class VOCClassification(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int):
-        image = self.transform(load_image(self.paths[index]))
-        return {"image": image, "label": torch.from_numpy(self.labels[index]), "name": self.names[index],
-                "index": index}
+        raw = load_image(self.paths[index])
+        item = {"label": torch.from_numpy(self.labels[index]), "name": self.names[index], "index": index}
+        if hasattr(self.transform, "with_view"):  # where the crop came from, for --att_dir
+            item["image"], item["view"] = self.transform.with_view(raw)
+        else:
+            item["image"] = self.transform(raw)
+        return item
 
 
 class VOCSegmentation(Dataset):
