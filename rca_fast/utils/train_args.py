@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--snapshot_dir", "--out", dest="out", default=None,
                      help="output folder: checkpoint.pt, metrics.json, train.log")
     pub.add_argument("--att_dir", default=None,
-                     help="if given, write the final CAM of every evaluated image and present class as "
-                          "<name>_<c>.png (grey 0-255) here, as the public code's attention maps")
+                     help="if given, accumulate the training images' final maps as the public train.py: "
+                          "from the 2nd epoch, per present class with probability >= 0.1, the max over "
+                          "epochs (last epoch: written regardless when missing); <name>_<c>.png (grey "
+                          "0-255, image size) written here at the end -- the input of rca_fast.pseudo")
     pub.add_argument("--epoch", type=int, default=None, help="number of epochs (voc 30)")
     pub.add_argument("--num_workers", type=int, default=None, help="data-loading processes")
     pub.add_argument("--resume", default=None,
