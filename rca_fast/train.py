@@ -112,19 +112,15 @@ def kaiming_init_(model: torch.nn.Module, keep_pretrained: bool = False) -> None
 
 
 def cpu_threads(requested: int) -> int:
-    """Threads for torch on the CPU: ``requested``, or (0) the cores other processes leave free.
-
-    On a shared machine, more threads than free cores make every OpenMP barrier wait on a
-    descheduled thread: measured here, 2 threads on 2 busy cores ran 7x slower than 1.
-    """
+    """Threads for torch on the CPU: ``requested``, or (0) torch's own count -- fixed by the
+    machine (its cores, or OMP_NUM_THREADS), never by its load: the thread count changes a CPU
+    run's float sums and so its result (the same seed gave 58.3% and 40.3% CAM mIoU with 1 and 2
+    threads), so a count read from the load made two runs of one command differ.  On a busy
+    machine ``--threads`` with fewer threads runs faster (2 threads on 2 busy cores ran 7x slower
+    than 1)."""
     if requested > 0:
         return requested
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+    return torch.get_num_threads()
 
 
 def build_datasets(args):
@@ -553,7 +549,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     try:
         return Trainer(args).fit()
     finally:
-        torch.set_num_threads(threads)  # the trainer may lower it on a busy CPU; leave callers as they were
+        torch.set_num_threads(threads)  # --threads may change it; leave callers as they were
 
 
 if __name__ == "__main__":

@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(what the tiny network without normalisation needs to learn); auto = kaiming "
                            "for the tiny backbone, default otherwise")
     ours.add_argument("--threads", type=int, default=0,
-                      help="CPU threads for torch (0 = auto: the cores not busy with other processes); "
-                           "fix it to reproduce a run: the float summation order, and so the trained "
-                           "weights, change with the thread count")
+                      help="CPU threads for torch (0 = torch's default, fixed by the machine: its cores or "
+                           "OMP_NUM_THREADS); fewer runs faster on a busy machine. The float summation "
+                           "order, and so the trained weights, change with the thread count; "
+                           "metrics.json records it (cpu_threads)")
     ours.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     run = p.add_argument_group("checkpoints, scale-out and speed")
     run.add_argument("--save-every", type=int, default=0,
@@ -220,7 +221,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.prototypes > args.bank_slots:
         raise ValueError(f"--prototypes ({args.prototypes}) must be <= --bank-slots ({args.bank_slots})")
     args.aggregation_mode = "none" if args.no_aggregation else args.aggregation
-    if args.dataset != "synthetic":
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -228,6 +228,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                         ("--kmeans-n-init", args.kmeans_n_init)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.dataset != "synthetic":
         root = args.data_root
         seg = os.path.join(root, "ImageSets", "Segmentation")
         args.img_dir = args.img_dir or os.path.join(root, "JPEGImages")
