@@ -205,6 +205,42 @@ def nearest_centroid(points: torch.Tensor,
     return dists, best
 
 
+class EmptyCluster(Exception):
+    """The Lloyd oracle met an empty cluster (it does not model re-seeding): draw other data."""
+
+
+def lloyd(points: Sequence[Sequence[float]], init: Sequence[Sequence[float]], iters: int, tol: float):
+    """Float64 Lloyd iterations of one problem from the centres ``init`` with scikit-learn's stop
+    rule: after an iteration's update, stop when the labels equal the previous iteration's, or
+    when the summed squared centre shift is <= tol * (mean over features of the population
+    variance of the points).  Returns (centres K x D, labels S, iterations run)."""
+    S, D, K = len(points), len(points[0]), len(init)
+    variance = 0.0
+    for d in range(D):
+        mean = sum(points[s][d] for s in range(S)) / S
+        variance += sum((points[s][d] - mean) ** 2 for s in range(S)) / S
+    tol_abs = tol * variance / D
+    centres = [list(map(float, c)) for c in init]
+    prev, labels, n_iter = None, None, 0
+    for _ in range(iters):
+        labels = []
+        for s in range(S):
+            dists = [sum((points[s][d] - centres[k][d]) ** 2 for d in range(D)) for k in range(K)]
+            labels.append(min(range(K), key=lambda k: dists[k]))
+        new = []
+        for k in range(K):
+            members = [s for s in range(S) if labels[s] == k]
+            if not members:
+                raise EmptyCluster(k)
+            new.append([sum(points[s][d] for s in members) / len(members) for d in range(D)])
+        shift = sum((new[k][d] - centres[k][d]) ** 2 for k in range(K) for d in range(D))
+        centres, n_iter = new, n_iter + 1
+        if labels == prev or shift <= tol_abs:
+            break
+        prev = labels
+    return centres, labels, n_iter
+
+
 # --------------------------------------------------------------------------- backend selection
 @pytest.fixture(autouse=True)
 def torch_backend_unless_forced(monkeypatch):

@@ -1,4 +1,7 @@
-"""Batched k-means: quality against scikit-learn, determinism, labels, degenerate data, bad inputs."""
+"""Batched k-means: quality against scikit-learn, the Lloyd iterations and stop rule against a
+float64 loop, determinism, labels, degenerate data, bad inputs."""
+import importlib
+
 import pytest
 import torch
 from sklearn.cluster import KMeans
@@ -46,6 +49,56 @@ def test_labels_centroids_and_inertia_agree_with_loop(init, gen):
             assert chosen <= best[l][s] + 1e-5 * scale, (l, s)
             total += chosen
         assert abs(float(inertia[l]) - total) <= 1e-4 * total
+
+
+def record_lloyd(monkeypatch):
+    """Wrap the reference's ``assign`` (called once per Lloyd iteration and once at the end) to
+    record the initial centres and count the iterations."""
+    module = importlib.import_module("rca_fast.ref.kmeans")
+    calls = []
+    real = module.assign
+
+    def assign(x, centers):
+        calls.append(centers.clone())
+        return real(x, centers)
+
+    monkeypatch.setattr(module, "assign", assign)
+    return calls
+
+
+@pytest.mark.parametrize("init,tol", [("k-means++", 1e-4), ("random", 3e-3), ("k-means++", 0.0), ("random", 0.0)],
+                         ids=["kmeans++-tol1e-4", "random-tol3e-3", "kmeans++-tol0", "random-tol0"])
+def test_lloyd_iterations_and_stop_rule_match_a_float64_loop(init, tol, monkeypatch, gen):
+    """From the op's own initial centres, the centroids and the number of Lloyd iterations equal a
+    float64 loop applying scikit-learn's rule (summed squared shift <= tol * mean per-feature
+    variance, or labels unchanged).  Overlapping uniform data converges slowly, so the
+    tolerance decides where it stops; with tol = 0 only the unchanged labels stop it.  At that
+    point (tol = 0) every centroid is the mean of the points labelled with it."""
+    L, S, D, K = 2, 120, 6, 5  # two problems: one that stops first must keep its centroids
+    for _ in range(5):  # the oracle does not re-seed: redraw in the rare case a cluster empties
+        points = torch.rand(L, S, D, generator=gen, dtype=torch.float64)
+        calls = record_lloyd(monkeypatch)
+        centroids, labels, _ = ops.kmeans(points, K, seed=numpy_seed(gen), init=init, tol=tol)
+        try:
+            runs = [oracles.lloyd(points[l].tolist(), calls[0][l].tolist(), 100, tol) for l in range(L)]
+        except oracles.EmptyCluster:
+            continue
+        break
+    else:
+        pytest.fail("5 draws in a row emptied a cluster")
+    n_iters = [n for _, _, n in runs]
+    assert len(calls) - 1 == max(n_iters), f"{len(calls) - 1} Lloyd iterations, the loops ran {n_iters}"
+    assert min(n_iters) > 2
+    for l, (want, _, _) in enumerate(runs):
+        torch.testing.assert_close(centroids[l], torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-9)
+    if tol == 0:
+        for l in range(L):
+            for k in range(K):
+                members = [s for s in range(S) if int(labels[l, s]) == k]
+                assert members, f"problem {l}: cluster {k} is empty"
+                for d in range(D):
+                    mean = sum(float(points[l, s, d]) for s in members) / len(members)
+                    assert abs(mean - float(centroids[l, k, d])) < 1e-12
 
 
 def test_same_seed_same_result(gen):

@@ -138,6 +138,55 @@ def test_k_equals_s_with_duplicates_reseeds_empty_clusters(device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_empty_clusters_are_reseeded_not_left_stale(device, gen):
+    """40 copies of one point plus 4 far, distinct points, k = 4, random init: the initial centres
+    are almost surely several copies of the repeated point, so clusters start empty.  A stale
+    (not re-seeded) centre would stay on the repeated point, a duplicate of another centroid
+    owning no point; re-seeded, the 4 centroids are distinct and each owns points."""
+    L, D, K = 6, 9, 4
+    repeated = torch.randn(L, 1, D, generator=gen)
+    others = torch.randn(L, 4, D, generator=gen) * 3 + 10
+    points = torch.cat([repeated.expand(L, 40, D), others], 1)
+    points = torch.stack([p[torch.randperm(44, generator=gen)] for p in points])
+    centroids, labels, _ = ops.kmeans(points.to(device), K, seed=numpy_seed(gen), init="random")
+    centroids, labels = centroids.cpu().double(), labels.cpu()
+    assert bool(torch.isfinite(centroids).all())
+    for l in range(L):
+        gaps = torch.cdist(centroids[l], centroids[l]) + torch.eye(K, dtype=torch.float64) * 1e9
+        assert float(gaps.min()) > 1e-3, f"problem {l}: two centroids coincide (a stale centre)"
+        assert sorted(set(labels[l].tolist())) == list(range(K)), f"problem {l}: an empty cluster"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tol", [1e-4, 0.0], ids=["tol1e-4", "tol0"])
+def test_lloyd_iterations_match_a_float64_loop(tol, device, monkeypatch, gen):
+    """From the reference's initial centres (the same seeded draws), the extension's centroids
+    equal a float64 Lloyd loop with scikit-learn's stop rule; overlapping data, so the
+    tolerance (tol > 0) or the unchanged labels (tol = 0) decide where it stops."""
+    L, S, D, K = 2, 120, 6, 5
+    seed = numpy_seed(gen)
+    module = importlib.import_module("rca_fast.ref.kmeans")
+    for _ in range(5):  # the oracle does not re-seed: redraw in the rare case a cluster empties
+        points = torch.rand(L, S, D, generator=gen, dtype=torch.float64)
+        first = []
+        real = module.assign
+        monkeypatch.setattr(module, "assign", lambda x, c: first.append(c.clone()) or real(x, c))
+        ref_kmeans(points, K, seed=seed, init="k-means++", tol=tol)
+        monkeypatch.setattr(module, "assign", real)
+        try:
+            runs = [oracles.lloyd(points[l].tolist(), first[0][l].tolist(), 100, tol) for l in range(L)]
+        except oracles.EmptyCluster:
+            continue
+        break
+    else:
+        pytest.fail("5 draws in a row emptied a cluster")
+    centroids, _, _ = ops.kmeans(points.to(device), K, seed=seed, init="k-means++", tol=tol)
+    for l, (want, _, n_iter) in enumerate(runs):
+        assert n_iter > 2
+        torch.testing.assert_close(centroids[l].cpu(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
 def test_dtypes_and_unbatched_input(dtype, device, gen):
     points, _ = blobs(1, 40, 6, 3, gen, std=0.5)

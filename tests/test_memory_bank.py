@@ -220,8 +220,9 @@ def _distributed_worker(rank, world, port, payload, out_dir):
 @pytest.mark.slow  # two spawned interpreters importing torch: ~8 s on 2 idle cores
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_distributed_ranks_apply_the_same_rows_in_rank_order(gen, tmp_path):
-    """Two ranks with different row counts (one keeps none): both banks end equal to the
-    sequential loop over rank 0's kept rows then rank 1's, and share rank 0's prototypes."""
+    """Two ranks that both keep rows, in different numbers (3 and 2, of one shared class among
+    others): both banks end equal to the sequential loop over rank 0's kept rows then rank 1's
+    (the other order puts the shared class's rows on other slots), and share rank 0's prototypes."""
     import socket
 
     import torch.multiprocessing as mp
@@ -230,8 +231,9 @@ def test_distributed_ranks_apply_the_same_rows_in_rank_order(gen, tmp_path):
     for n in (5, 3):
         score = torch.rand(n, generator=gen)
         rows.append((torch.randn(n, 6, generator=gen), torch.randint(3, (n,), generator=gen), score))
-    rows[1][2].zero_()  # rank 1 keeps no row
-    rows[0][2][:2] = 0.9
+    for (_, target, score), kept in zip(rows, (3, 2)):
+        score[:kept], score[kept:] = 0.9, 0.1
+    rows[1][1][:2] = rows[0][1][0]  # rank 1's kept rows share a class with rank 0's first row
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -241,7 +243,8 @@ def test_distributed_ranks_apply_the_same_rows_in_rank_order(gen, tmp_path):
                        join=True, start_method="spawn")
     want_bank, want_ptr = memory.bank.clone(), memory.ptr.clone()
     kept = [(e[s > 0.7], t[s > 0.7]) for e, t, s in rows]
-    for emb, target in kept:
+    assert [len(t) for _, t in kept] == [3, 2]
+    for emb, target in kept:  # rank 0's rows, then rank 1's
         oracles.ema_update_(want_bank, want_ptr, emb, target, gamma=0.99)
     want_prototypes = ops.kmeans(want_bank, 2, seed=seed)[0]
     for rank in range(2):

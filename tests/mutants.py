@@ -1,0 +1,329 @@
+"""Planted one-line bugs: does the suite catch them?  (Not a test module: pytest does not collect it.)
+
+    nice -n 10 python tests/mutants.py                 # every mutant
+    python tests/mutants.py --list                     # ids, files, tests
+    python tests/mutants.py -k kmeans -k infer         # mutants whose id contains a word
+    python tests/mutants.py --clean                    # first check each test selection passes unmutated
+    python tests/mutants.py --rev HEAD                 # the last commit instead of the working tree
+
+Each mutant is (id, file, original snippet, replacement, tests).  The working tree (tracked and
+untracked-but-not-ignored files, as they are now) is copied once to a scratch folder; there the
+snippet, which must occur exactly once, is replaced, the mutant's tests run with the scratch
+folder first on PYTHONPATH (its ``rca_fast`` and, through a ``rca_fast/kernels`` link, its
+``kernels/`` are what gets imported, with the built extension ``rca_fast/_C*.so`` copied beside),
+and the file is restored.  A mutant is *caught* when a test fails, *missed* when all pass,
+*stale* when its snippet is no longer in the file (update the list), *error* on a timeout.
+Mutants of csrc/ (the extension's CPU twin) run only with ``--ext``: each rebuilds the extension
+CPU-only in the scratch copy (about 2.5 minutes on 2 cores), then the original build is put back.
+
+Run it after touching a tested behaviour (README, "Contributing"); add a mutant for every bug a
+new test is there to catch.  Keep each mutant's test selection narrow: the whole list runs on a
+2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (id, file, original, replacement, pytest arguments).  Originals are exact substrings (one line or
+# part of one); the tests are node ids or "-k" selections, narrow enough to run in seconds.
+MUTANTS = [
+    # ---------------------------------------------------------------- CAM inference (utils/cams.py, infer.py)
+    ("infer-no-unflip", "rca_fast/utils/cams.py",
+     "cams = cams[:b] + cams[b:].flip(-1)", "cams = cams[:b] + cams[b:]",
+     ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
+    ("infer-first-scale-only", "rca_fast/utils/cams.py",
+     "total = cams if total is None else total + cams", "total = cams if total is None else total",
+     ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
+    ("infer-no-relu", "rca_fast/utils/cams.py",
+     "F.interpolate(F.relu(out.cams.float())", "F.interpolate((out.cams.float())",
+     ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
+    ("infer-relu-after-upsample", "rca_fast/utils/cams.py",
+     "cams = F.interpolate(F.relu(out.cams.float()), size=out_size, mode=\"bilinear\", align_corners=False)",
+     "cams = F.relu(F.interpolate(out.cams.float(), size=out_size, mode=\"bilinear\", align_corners=False))",
+     ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
+    ("infer-normalise-no-clamp", "rca_fast/utils/cams.py",
+     "cams = cams.clamp_min(0) / (peak + eps)", "cams = cams / (peak + eps)",
+     ["tests/test_infer_evaluate.py", "-k", "normalise_cams"]),
+    ("infer-normalise-global-max", "rca_fast/utils/cams.py",
+     "peak = cams.flatten(2).amax(dim=2).clamp_min(0)[..., None, None]",
+     "peak = cams.flatten(1).amax(dim=1).clamp_min(0)[..., None, None, None]",
+     ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop or normalise_cams"]),
+    ("infer-margin-doubled", "rca_fast/infer.py",
+     "- args.bg_threshold) < args.ignore_margin] = 255", "- args.bg_threshold) < 2 * args.ignore_margin] = 255",
+     ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
+    ("infer-margin-one-side", "rca_fast/infer.py",
+     "label[np.abs(cams.max(axis=0) - args.bg_threshold) < args.ignore_margin] = 255",
+     "label[(cams.max(axis=0) - args.bg_threshold < args.ignore_margin) & (cams.max(axis=0) > args.bg_threshold)]"
+     " = 255",
+     ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
+    ("label-ties-to-class", "rca_fast/utils/metrics.py",
+     "return np.where(top > bg_threshold, keys[best] + 1, 0)", "return np.where(top >= bg_threshold, keys[best] + 1, 0)",
+     ["tests/test_infer_evaluate.py", "-k", "cam_sweep"]),
+    # ---------------------------------------------------------------- evaluate (utils/metrics.py)
+    ("miou-ignore-pred-255-skipped", "rca_fast/utils/metrics.py",
+     "p = np.where(p == IGNORE, C, p)", "p = np.where(p == IGNORE, gt[valid], p)",
+     ["tests/test_infer_evaluate.py", "-k", "confusion_meter_matches or png_cli"]),
+    ("miou-union-no-fp", "rca_fast/utils/metrics.py",
+     "union = matrix.sum(axis=1) + matrix[:, :C].sum(axis=0) - tp", "union = matrix.sum(axis=1)",
+     ["tests/test_infer_evaluate.py", "-k", "confusion_meter_matches or png_cli"]),
+    ("miou-nan-as-zero", "rca_fast/utils/metrics.py",
+     "return float(np.nanmean(iou)) if", "return float(np.nan_to_num(iou).mean()) if",
+     ["tests/test_infer_evaluate.py", "-k", "confusion_meter_matches or png_cli or voc_folder"]),
+    ("sweep-bin-side", "rca_fast/utils/metrics.py",
+     "cams.max(axis=0), side=\"left\")", "cams.max(axis=0), side=\"right\")",
+     ["tests/test_infer_evaluate.py", "-k", "cam_sweep or npy_sweep"]),
+    # ---------------------------------------------------------------- k-means (ref; ops default on CPU)
+    ("kmeans-tol-sum-not-mean", "rca_fast/ref/kmeans.py",
+     "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = tol * x.var(1, unbiased=False).sum(-1)",
+     ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
+    ("kmeans-tol-1000x", "rca_fast/ref/kmeans.py",
+     "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = 1000 * tol * x.var(1, unbiased=False).mean(-1)",
+     ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
+    ("kmeans-no-labels-stop", "rca_fast/ref/kmeans.py",
+     "done |= (labels == prev).all(-1)", "pass",
+     ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
+    ("kmeans-no-reseed", "rca_fast/ref/kmeans.py",
+     "if bool(empty.any()):", "if False:",
+     ["tests/test_kmeans.py", "-k", "reseeded"]),
+    ("kmeans-mean-off-by-one", "rca_fast/ref/kmeans.py",
+     "/ counts.clamp(min=1).unsqueeze(-1)", "/ (counts + 1).unsqueeze(-1)",
+     ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
+    ("kmeans-ninit-worst", "rca_fast/ref/kmeans.py",
+     "best = inertia.view(L, n_init).argmin(-1)", "best = inertia.view(L, n_init).argmax(-1)",
+     ["tests/test_kmeans.py", "-k", "n_init or sklearn"]),
+    # ---------------------------------------------------------------- memory bank / EMA
+    ("bank-gather-reverse", "rca_fast/model/memory_bank.py",
+     "return (torch.cat([e[:c] for e, c in zip(embs, counts)]),",
+     "embs, tgts, counts = embs[::-1], tgts[::-1], counts[::-1]\n    return (torch.cat([e[:c] for e, c in zip(embs, counts)]),",
+     ["tests/test_memory_bank.py", "-k", "distributed"]),
+    ("bank-threshold-inclusive", "rca_fast/model/memory_bank.py",
+     "> self.score_threshold  # strictly above", ">= self.score_threshold",
+     ["tests/test_memory_bank.py"]),
+    ("ema-gamma-swapped", "rca_fast/ref/ema.py",
+     "bank[c, s] = (gamma * bank[c, s].to(cd) + (1 - gamma) * rows[sel])",
+     "bank[c, s] = ((1 - gamma) * bank[c, s].to(cd) + gamma * rows[sel])",
+     ["tests/test_ema.py"]),
+    ("ema-ptr-not-wrapped", "rca_fast/ref/ema.py",
+     "ptr.copy_((ptr + per_class) % S)", "ptr.copy_(ptr + per_class)",
+     ["tests/test_ema.py"]),
+    ("ema-same-class-same-slot", "rca_fast/ref/ema.py",
+     "slot = (ptr[target] + rank) % slots", "slot = (ptr[target] + 0 * rank) % slots",
+     ["tests/test_ema.py"]),
+    # ---------------------------------------------------------------- masked average pooling
+    ("map-mask-ge", "rca_fast/ref/map.py",
+     "return x > x.mean(dim=(-2, -1), keepdim=True)", "return x >= x.mean(dim=(-2, -1), keepdim=True)",
+     ["tests/test_map.py"]),
+    ("map-sum-not-mean", "rca_fast/ref/map.py",
+     "emb = sums / count.clamp(min=1).unsqueeze(-1).to(acc)", "emb = sums / 1",
+     ["tests/test_map.py"]),
+    ("map-labels-count-off", "rca_fast/ref/map.py",
+     "vals = (sums / cnt.clamp(min=1).unsqueeze(-1).to(acc))", "vals = (sums / (cnt + 1).unsqueeze(-1).to(acc))",
+     ["tests/test_map.py"]),
+    # ---------------------------------------------------------------- bank NCE (ref)
+    ("nce-no-temperature", "rca_fast/ref/nce.py",
+     "(inv_norm / temperature)).reshape(-1, L, S)", "(inv_norm / 0.07)).reshape(-1, L, S)",
+     ["tests/test_nce.py"]),
+    ("nce-mix-weight-swapped", "rca_fast/ref/nce.py",
+     "loss = w * loss + (1 - w) * class_nce(", "loss = (1 - w) * loss + w * class_nce(",
+     ["tests/test_nce.py"]),
+    ("nce-positive-in-negatives", "rca_fast/ref/nce.py",
+     "neg_lse = class_lse.masked_fill(F.one_hot(target, L).bool(), float(\"-inf\")).logsumexp(-1)",
+     "neg_lse = class_lse.logsumexp(-1)",
+     ["tests/test_nce.py"]),
+    ("nce-no-slot-norm", "rca_fast/ref/nce.py",
+     "inv_norm = m.norm(dim=-1).clamp(min=EPS).reciprocal()", "inv_norm = m.norm(dim=-1).clamp(min=EPS) * 0 + 1",
+     ["tests/test_nce.py"]),
+    # ---------------------------------------------------------------- prototype attention (ref)
+    ("attn-scale-ignored", "rca_fast/ref/attention.py",
+     "scale = D ** -0.5 if scale is None else scale", "scale = D ** -0.5",
+     ["tests/test_attention.py"]),
+    ("attn-default-scale-d", "rca_fast/ref/attention.py",
+     "scale = D ** -0.5 if scale is None else scale", "scale = D ** -1.0 if scale is None else scale",
+     ["tests/test_attention.py"]),
+    # ---------------------------------------------------------------- Triton kernels (interpreter: narrow)
+    ("triton-nce-temperature", "kernels/nce.py",
+     "N, S, D, n_row_blocks, n_chunks, n_units, s_chunk, 1.0 / temperature,",
+     "N, S, D, n_row_blocks, n_chunks, n_units, s_chunk, 1.0 / 0.07,",
+     ["tests/test_nce_triton.py", "-k", "mixup_temperature"]),
+    ("triton-nce-bwd-temperature", "kernels/nce_bwd.py",
+     "return (inv_q * (v / temperature - radial)).to(query.dtype)",
+     "return (inv_q * (v / 0.07 - radial)).to(query.dtype)",
+     ["tests/test_nce_triton.py", "-k", "mixup_temperature"]),
+    ("triton-attn-scale-lo-dropped", "kernels/attention.py",
+     "return s * scale_hi + s * scale_lo", "return s * scale_hi",
+     ["tests/test_attention_triton.py", "-k", "f64 or float64"]),
+    ("triton-attn-bwd-scale", "kernels/attention_bwd.py",
+     "d_scores = scale_scores(probs * (d_probs - delta[:, None]), scale_hi, scale_lo)",
+     "d_scores = probs * (d_probs - delta[:, None])",
+     ["tests/test_attention_triton.py", "-k", "grad"]),
+    # ---------------------------------------------------------------- the extension's CPU twin (--ext)
+    ("ext-kmeans-no-reseed", "csrc/cpu/kmeans.cpp",
+     "if (empties > 0) reseed_empty(r, empties);", "(void)empties;",
+     ["tests/test_kmeans_ext.py", "-k", "stale and cpu"]),
+    ("ext-kmeans-tol-1000x", "csrc/ops.cpp",
+     "return tol * feature_variance_cpu(x);", "return 1000 * tol * feature_variance_cpu(x);",
+     ["tests/test_kmeans_ext.py", "-k", "lloyd_iterations and cpu"]),
+    ("ext-ema-gamma-swapped", "csrc/cpu/ema.cpp",
+     "const cd_t a = static_cast<cd_t>(gamma);", "const cd_t a = static_cast<cd_t>(1.0 - gamma);",
+     ["tests/test_ema_ext.py", "-k", "cpu"]),
+    # ---------------------------------------------------------------- losses (model/losses.py)
+    ("loss-coarse-weight-dropped", "rca_fast/model/losses.py",
+     "total = cls + coarse_weight * coarse", "total = cls + coarse",
+     ["tests/test_losses.py"]),
+    ("loss-contrast-start-off-by-one", "rca_fast/model/losses.py",
+     "if contrast is not None and epoch >= contrast_start_epoch:",
+     "if contrast is not None and epoch > contrast_start_epoch:",
+     ["tests/test_losses.py"]),
+]
+
+
+def scratch_copy(dest: str, rev=None) -> None:
+    """The working tree as it is now (tracked + untracked non-ignored files), or commit ``rev``,
+    and the built extension, with rca_fast/kernels -> ../kernels so the copy's kernels are imported."""
+    if rev:
+        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    else:
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                               check=True, capture_output=True).stdout.decode().split("\0")
+        for rel in filter(None, files):
+            src = os.path.join(ROOT, rel)
+            if not os.path.isfile(src):  # deleted in the working tree
+                continue
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)) or dest, exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+    for so in glob.glob(os.path.join(ROOT, "rca_fast", "_C*.so")):
+        shutil.copy2(so, os.path.join(dest, "rca_fast"))
+    link = os.path.join(dest, "rca_fast", "kernels")
+    if not os.path.exists(link):
+        os.symlink(os.path.join("..", "kernels"), link)
+
+
+def scratch_env(dest: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=dest + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return env
+
+
+def check_imports(dest: str) -> None:
+    """The scratch copy's code, not the editable install's, must be what the tests import."""
+    code = ("import importlib, rca_fast, rca_fast.kernels; k = importlib.import_module('rca_fast.ref.kmeans'); "
+            "print(rca_fast.__file__); print(rca_fast.kernels.__file__); print(k.__file__)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=dest, env=scratch_env(dest), capture_output=True,
+                         text=True)
+    if res.returncode:
+        raise SystemExit(f"the scratch copy {dest} does not import:\n{res.stderr[-2000:]}")
+    out = res.stdout.split()
+    real = os.path.realpath(dest)
+    bad = [p for p in out if not os.path.realpath(p).startswith(real)]
+    if bad:
+        raise SystemExit(f"the scratch copy is not what gets imported: {bad}")
+
+
+def rebuild_extension(dest: str) -> bool:
+    """Rebuild rca_fast._C (CPU sources only) in the scratch copy; True when it built."""
+    env = dict(scratch_env(dest), RCA_FAST_EXT_CPU_ONLY="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    res = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest, env=env,
+                         capture_output=True, text=True)
+    if res.returncode:
+        print("    extension build failed:\n    " + "\n    ".join(res.stderr.strip().splitlines()[-5:]))
+    return res.returncode == 0
+
+
+def run_tests(dest: str, args, timeout: float) -> tuple:
+    """(pytest exit code or 'timeout', seconds, last lines)."""
+    start = time.time()
+    try:
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args],
+                             cwd=dest, env=scratch_env(dest), capture_output=True, text=True, timeout=timeout)
+        tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-3:])
+        return res.returncode, time.time() - start, tail
+    except subprocess.TimeoutExpired:
+        return "timeout", time.time() - start, ""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-k", action="append", default=[], help="run the mutants whose id contains this (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--clean", action="store_true", help="first run each distinct test selection unmutated")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per mutant")
+    p.add_argument("--keep", default=None, help="scratch folder to use and keep (default: a temporary one)")
+    p.add_argument("--ext", action="store_true", help="also run the csrc/ mutants (one extension rebuild each)")
+    p.add_argument("--rev", default=None, help="copy this commit (e.g. HEAD) instead of the working tree")
+    a = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if not a.k or any(w in m[0] for w in a.k)]
+    if a.list:
+        for mid, path, _, _, tests in chosen:
+            print(f"{mid:34s} {path:30s} {' '.join(tests)}")
+        return 0
+    dest = a.keep or tempfile.mkdtemp(prefix="rca_mutants_")
+    os.makedirs(dest, exist_ok=True)
+    scratch_copy(dest, a.rev)
+    check_imports(dest)
+    print(f"scratch copy: {dest}")
+    if a.clean:
+        for tests in sorted({tuple(m[4]) for m in chosen}):
+            code, secs, tail = run_tests(dest, list(tests), a.timeout)
+            print(f"clean {'ok  ' if code == 0 else 'FAIL'} {secs:6.1f}s {' '.join(tests)}", flush=True)
+            if code != 0:
+                print(tail)
+                return 2
+    results = []
+    for mid, path, old, new, tests in chosen:
+        target = os.path.join(dest, path)
+        native = path.startswith("csrc/")
+        if native and not a.ext:
+            results.append((mid, "skipped", 0.0))
+            print(f"{mid:34s} skipped (csrc/: run with --ext)", flush=True)
+            continue
+        with open(target) as f:
+            text = f.read()
+        if text.count(old) != 1:
+            results.append((mid, "stale", 0.0))
+            print(f"{mid:34s} stale (snippet found {text.count(old)} times in {path})", flush=True)
+            continue
+        with open(target, "w") as f:
+            f.write(text.replace(old, new))
+        built = glob.glob(os.path.join(dest, "rca_fast", "_C*.so"))
+        saved = {so: open(so, "rb").read() for so in built} if native else {}
+        try:
+            if native and not rebuild_extension(dest):
+                code, secs, tail = 2, 0.0, "the mutated extension does not build"
+            else:
+                code, secs, tail = run_tests(dest, tests, a.timeout)
+        finally:
+            with open(target, "w") as f:
+                f.write(text)
+            for so, data in saved.items():  # the original build back
+                with open(so, "wb") as f:
+                    f.write(data)
+        # 1: a test failed; 2: collection failed (the mutated code does not import) -- both caught.
+        # 5 (no test selected), 4 (usage) and timeouts are errors of the list, not verdicts.
+        verdict = {0: "MISSED", 1: "caught", 2: "caught"}.get(code, "error")
+        results.append((mid, verdict, secs))
+        print(f"{mid:34s} {verdict:7s} {secs:6.1f}s  {' '.join(tests)}", flush=True)
+        if verdict != "caught" and tail:
+            print("    " + tail.replace("\n", "\n    "))
+    caught = sum(v == "caught" for _, v, _ in results)
+    counted = sum(v in ("caught", "MISSED") for _, v, _ in results)
+    print(f"\ncaught {caught} of {counted} mutants"
+          + "".join(f"; {sum(v == k for _, v, _ in results)} {k}" for k in ("stale", "error", "skipped")
+                    if any(v == k for _, v, _ in results)))
+    if not a.keep:
+        shutil.rmtree(dest, ignore_errors=True)
+    return 0 if caught == counted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
