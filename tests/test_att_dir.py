@@ -27,7 +27,7 @@ def keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-def public_rule(steps, last_epoch):
+def public_rule(steps, last_epoch, threshold=0.1):
     """steps: [(epoch, cams (B,L,h,w) f32, logits (B,L), labels (B,L), indices, flips)] -> {(i, c): map}."""
     acc = {}
     for epoch, cams, logits, labels, indices, flips in steps:
@@ -37,7 +37,7 @@ def public_rule(steps, last_epoch):
             for c in np.flatnonzero(labels[j] > 0):
                 exists = (i, c) in acc
                 prob = 1.0 / (1.0 + np.exp(-float(logits[j, c])))
-                if not (prob >= 0.1 or (epoch == last_epoch and not exists)):
+                if not (prob >= threshold or (epoch == last_epoch and not exists)):
                     continue
                 a = np.maximum(cams[j, c], np.float32(0))
                 a = np.rint(a / (a.max() + np.float32(1e-8)) * np.float32(255))
@@ -186,3 +186,72 @@ def test_voc_train_crops_land_on_their_image(gen):
         assert abs(iy - want_y) <= 1 and abs(ix - want_x) <= 1, (iy, ix, want_y, want_x, view.tolist())
         checked += 1
     assert checked >= 5
+
+
+DDP = ["--input_size", "32", "--crop_size", "32", "--batch_size", "2", "--bank-slots", "16", "--prototypes", "2",
+       "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "8", "--val-images", "0",
+       "--device", "cpu"]  # 8 images / 2 ranks / batch 2: 2 steps per epoch per rank
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    import pickle
+    import torch.distributed as dist
+    from rca_fast.train import main as train_main
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    steps = []
+    original = AttentionMaps.update
+
+    def spy(self, cams, logits, labels, indices, epoch, input_hw, views=None):
+        steps.append((epoch, cams.detach().float().numpy().copy(), logits.detach().float().numpy().copy(),
+                      labels.numpy().copy(), list(indices), [bool(v[4]) for v in views.tolist()]))
+        return original(self, cams, logits, labels, indices, epoch, input_hw, views)
+
+    AttentionMaps.update = spy
+    init = AttentionMaps.__init__
+
+    def gate_half(self, *args, **kwargs):  # probabilities sit near 0.5 early: make the gate bite
+        init(self, *args, **kwargs)
+        self.threshold = 0.5
+
+    AttentionMaps.__init__ = gate_half
+    try:
+        train_main(DDP + ["--epoch", "3", "--out", out_dir, "--att_dir", os.path.join(out_dir, "att")])
+        with open(os.path.join(out_dir, f"steps{rank}.pkl"), "wb") as f:
+            pickle.dump(steps, f)
+    finally:
+        AttentionMaps.update, AttentionMaps.__init__ = original, init
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned interpreters: ~20 s on 2 busy cores
+def test_two_ranks_merge_to_the_single_process_rule(tmp_path):
+    """Each rank accumulates its images; the exists flags are shared each epoch and the maps merged:
+    the PNGs are the public rule applied to both ranks' steps in epoch order."""
+    import pickle
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    steps = []
+    for rank in (0, 1):
+        with open(tmp_path / f"steps{rank}.pkl", "rb") as f:
+            steps += pickle.load(f)
+    assert {i for s in steps for i in s[4]} == set(range(8))
+    # stable sort: within an epoch an image is on one rank only
+    want = public_rule(sorted(steps, key=lambda s: s[0]), 3, threshold=0.5)
+    gated = sum(1 for e, _, lg, lb, _, _ in steps if e >= 2 for j in range(lb.shape[0]) for c in range(3)
+                if lb[j, c] > 0 and 1 / (1 + np.exp(-lg[j, c])) < 0.5)
+    assert gated > 0
+    from rca_fast.data import SyntheticShapes
+    names = SyntheticShapes(8, 3, 32, seed=0, split="train").names
+    got = read_maps(tmp_path / "att")
+    assert sorted(got) == sorted(f"{names[i]}_{c}.png" for i, c in want)
+    for (i, c), m in want.items():
+        up = F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=(32, 32), mode="bilinear",
+                           align_corners=False)[0, 0].round().numpy()
+        np.testing.assert_array_equal(got[f"{names[i]}_{c}.png"], up.astype(np.uint8))

@@ -166,7 +166,10 @@ class AttentionMaps:
 
     # ---------------------------------------------------------------- DDP
     def sync_exists(self) -> None:
-        """All-reduce (MAX) of the exists flags (call on every rank at the start of an epoch)."""
+        """All-reduce (MAX) of the exists flags (call on every rank at the start of an epoch).
+
+        The trainer's end-of-epoch checkpoint already merges them (:meth:`merge_ranks`); this keeps
+        the last-epoch rule right where an epoch ends without one."""
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
