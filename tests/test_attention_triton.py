@@ -166,6 +166,12 @@ def test_backward_is_deterministic(gen, triton_backend):
     second = op_grads(ops.prototype_attention, q, k, v, g)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    # deterministic and right: within 2x the bf16 reference's error against float64 (+ a floor)
+    exact, same_dtype_ref = ref_grads(q, k, v, g), ref_grads(q, k, v, g, dtype=torch.bfloat16)
+    for name, o, r, e in zip(("out", "dq", "dk", "dv"), first, same_dtype_ref, exact):
+        err_ours, err_ref = float((o.double() - e).abs().max()), float((r.double() - e).abs().max())
+        assert err_ours <= 2 * err_ref + 1e-5 * float(e.abs().max()), \
+            f"{name}: ours {err_ours:.3g} vs ref {err_ref:.3g}"
 
 
 @pytest.mark.parametrize("case", ["Dv0", "N0"])
@@ -233,3 +239,9 @@ def test_gpu_full_size_deterministic(gen, triton_backend):
     second = op_grads(ops.prototype_attention, q, k, v, g)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    # deterministic and right: within 2x the bf16 reference's error against float64 (+ a floor)
+    exact, same_dtype_ref = ref_grads(q, k, v, g), ref_grads(q, k, v, g, dtype=torch.bfloat16)
+    for name, o, r, e in zip(("out", "dq", "dk", "dv"), first, same_dtype_ref, exact):
+        err_ours, err_ref = float((o.double() - e).abs().max()), float((r.double() - e).abs().max())
+        assert err_ours <= 2 * err_ref + 1e-5 * float(e.abs().max()), \
+            f"{name}: ours {err_ours:.3g} vs ref {err_ref:.3g}"

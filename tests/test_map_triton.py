@@ -306,16 +306,24 @@ def test_gpu_error_within_2x_of_reference(case, dtype, gen):
     e64, c64 = ref_map(f64, cams, labels)
     (g64,) = torch.autograd.grad(e64, f64, upstream.to(dtype).double())
     assert torch.equal(count, c64) and torch.equal(r_count, c64)
-    ours, theirs = _errors(emb, r_emb, e64)
+    # the floor is relative to the largest value (embeddings peak near 0.12, gradients near 0.01:
+    # an absolute 1e-3 let a 5-10% bf16 gradient error pass)
     floor = 1e-6 if dtype == torch.float32 else 1e-3
-    assert ours <= 2 * theirs + floor, (ours, theirs)
+    ours, theirs = _errors(emb, r_emb, e64)
+    assert ours <= 2 * theirs + floor * float(e64.abs().max()), (ours, theirs)
     ours, theirs = _errors(grad, r_grad, g64)
-    assert ours <= 2 * theirs + floor, (ours, theirs)
+    assert ours <= 2 * theirs + floor * float(g64.abs().max()), (ours, theirs)
 
 
 @pytest.mark.gpu
-def test_gpu_default_backend_is_triton():
+def test_gpu_default_backend_is_triton_and_matches_the_loop(gen):
+    """The default on CUDA is Triton, and what the public op returns there equals the float64 loop."""
     assert ops.backend_for(OP, torch.device("cuda")) == "triton"
+    features, cams, labels = make_inputs(SHAPES[0], gen, torch.float32)
+    emb, count = ops.masked_average_pool(features.cuda(), cams.cuda(), labels.cuda())
+    want_emb, want_count = oracles.masked_average_pool(features, cams, labels)
+    assert torch.equal(count.cpu(), want_count)
+    torch.testing.assert_close(emb.cpu().double(), want_emb, rtol=1e-5, atol=1e-6 * float(want_emb.abs().max()))
 
 
 @pytest.mark.gpu
