@@ -29,15 +29,19 @@ columns of the ops table (and keys of each row in profile.json):
   p20-p80  20th-80th percentile of the timed calls: the spread; differences inside it are noise
   MB       minimum bytes moved, 1e6: every input read once, every output written once, from the
            shapes (formulas in rca_fast/profile/counts.py and profile.json "work_formulas")  [bytes]
-  GFLOP    floating-point operations of one call, 1e9 (a multiply-add counts 2)  [flops]
+  GFLOP    minimum floating-point operations of one call, 1e9 (a multiply-add counts 2; a backward
+           that recomputes the forward's scores does more)  [flops]
   GB/s     achieved bandwidth: minimum bytes / time  [GBps]
   TFLOP/s  achieved arithmetic rate: FLOPs / time  [TFLOPs]
   FLOP/B   arithmetic intensity: FLOPs / minimum bytes; under the ridge point (matmul rate /
            copy bandwidth) an op can only be memory-bound  [intensity]
   roof ms  roofline time: the larger of bytes / copy bandwidth and FLOPs / matmul rate, with the
-           ceilings measured at the start of this run  [roofline_ms]
+           ceilings measured at the start of this run: each the best of its probes (large and
+           the ops' own copy sizes and matrix products; on the CPU with torch's threads and 1),
+           named in the header line and in profile.json "ceiling_probes"  [roofline_ms]
   %roof    roof ms / ms: 100% runs at the device's limit; 5% means 20x slower than it could be
-           [roofline_frac]
+           [roofline_frac]; "above!" when ms < roof ms: a ceiling or the work count does not hold
+           for the row, and its %roof is no result  [above_ceiling]
   bound    which ceiling sets roof ms: memory (bytes / bandwidth) or compute (FLOPs / rate); the
            rate is bf16 for bf16 runs, tf32 for fp32 runs on a GPU, fp32 on the CPU  [bound, rate]
   xtorch   speed-up over the torch backend on the same row: torch ms / ms  [speedup_vs_torch]
@@ -108,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--ceiling-copy-mb", type=float, default=None,
                      help="copy-bandwidth buffer in MiB (default 1024 on GPU, 64 on CPU)")
     ops.add_argument("--ceiling-matmul-n", type=int, default=None,
-                     help="side of the ceiling matmuls (default 8192 on GPU, 1024 on CPU)")
+                     help="side of the square ceiling matmuls (default 8192 on GPU, 1024 on CPU); "
+                          "the ops' own products are probed as well")
     ops.add_argument("--no-check", action="store_true", help="skip the comparison with the torch backend")
     ops.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     ops.add_argument("--no-plot", action="store_true", help="do not draw roofline.png")
@@ -180,6 +185,8 @@ def main_ops(args) -> dict:
 def main(argv: Optional[List[str]] = None):
     """Entry point; returns the profile document (a dict) so callers and tests can use it."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .torch_logs import quiet_cuda_home_notice
+    quiet_cuda_home_notice()   # a CPU machine with a CUDA toolkit: a notice that says nothing here
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.mode == "ops":

@@ -3,8 +3,11 @@
 Bytes are the *minimum* traffic through device memory: every input read once, every output
 written once (an in-place update reads and writes only what it touches).  FLOPs count a
 multiply-add as 2 and keep the leading term of each op (the matrix-shaped part; the elementwise
-terms it leaves out are below 1% at the profile shapes, D = 512).  A backward pass is counted as
-the fused kernels run it: without the N x P score matrix in memory, so the scores are recomputed.
+terms it leaves out are below 1% at the profile shapes, D = 512).  Both are minimums, so that the
+roofline bounds every implementation: a backward pass reads no saved score matrix (the bytes of
+the fused kernels, which recompute the scores) and does not recompute the scores (the FLOPs of
+torch's autograd, which keeps them); no implementation does less of either.  k-means is the
+exception: its FLOPs assume every Lloyd iteration runs (a problem that converges stops early).
 
 The formulas are written next to each op below, in the names of :class:`ProfileShape`:
 B images, L classes, S bank slots per class, D feature channels, HW = H*W pixels, K prototypes
@@ -136,10 +139,11 @@ def nce_fwd(s: ProfileShape, e: int) -> Tuple[int, int]:
 def nce_bwd(s: ProfileShape, e: int) -> Tuple[int, int]:
     """bank_nce_loss backward (to the query; the bank is a constant).
     bytes: query Np*D*e + bank L*S*D*e + targets 2*Np*8 + mix_weight Np*4 + grad_loss 4  ->  grad_query Np*D*e
-    flops: 4*Np*L*S*D (similarities recomputed, then the weighted sum of slots)"""
+    flops: 2*Np*L*S*D (the weighted sum of slots; a kernel that does not keep the forward's
+           similarities recomputes them, another 2*Np*L*S*D, not counted: the count is the minimum)"""
     nbytes = (s.Np * s.D * e + s.L * s.S * s.D * e + 2 * s.Np * INDEX_BYTES + s.Np * F32_BYTES
               + F32_BYTES + s.Np * s.D * e)
-    return nbytes, 4 * s.Np * s.L * s.S * s.D
+    return nbytes, 2 * s.Np * s.L * s.S * s.D
 
 
 def attention_fwd(s: ProfileShape, e: int) -> Tuple[int, int]:
@@ -153,10 +157,11 @@ def attention_fwd(s: ProfileShape, e: int) -> Tuple[int, int]:
 def attention_bwd(s: ProfileShape, e: int) -> Tuple[int, int]:
     """prototype_attention backward to query, key and value.
     bytes: query, key, value, grad_out  ->  grad_query, grad_key, grad_value (each its input's size)
-    flops: 2*B*HW*P*(3*D + 2*Dv) (scores recomputed; grad of value, of scores, of query, of key)"""
+    flops: 2*B*HW*P*(2*D + 2*Dv) (grad of value, of scores, of query, of key; a kernel that does
+           not keep the forward's scores recomputes them, another 2*B*HW*P*D, not counted)"""
     reads = (2 * s.B * s.HW * s.D + 2 * s.P * s.D) * e
     writes = (s.B * s.HW * s.D + 2 * s.P * s.D) * e
-    return reads + writes, 2 * s.B * s.HW * s.P * (3 * s.D + 2 * s.D)
+    return reads + writes, 2 * s.B * s.HW * s.P * (2 * s.D + 2 * s.D)
 
 
 def ema_fwd(s: ProfileShape, e: int) -> Tuple[int, int]:
@@ -176,6 +181,20 @@ def kmeans_fwd(s: ProfileShape, e: int, iters: int) -> Tuple[int, int]:
     nbytes = s.L * s.S * s.D * e + s.L * s.K * s.D * e + s.L * s.S * INDEX_BYTES + s.L * F32_BYTES
     seeding = 2 * s.L * s.S * s.D * (1 + (s.K - 1) * kmeans_init_trials(s.K))
     return nbytes, seeding + iters * 2 * s.L * s.S * s.K * s.D
+
+
+def gemm_shapes(s: ProfileShape) -> List[Tuple[int, int, int, int]]:
+    """The matrix products the ops run at ``s``, as (batch, M, K, N) = batch x (M, K) @ (K, N):
+    the matmul ceiling is probed on them too (a square product alone under-rates a CPU BLAS on
+    the ops' thin products).  MAP: features (D, HW) @ masks (HW, present) per image and back;
+    NCE: queries (Np, D) @ slots (D, L*S) and back; attention: queries (B*HW, D) @ keys (D, P),
+    scores (B*HW, P) @ values (P, D), and (P, B*HW) @ (B*HW, D) for the key/value gradients;
+    k-means: points (S, D) @ centroids (D, K) per class."""
+    present = min(s.present, s.L)
+    return [(s.B, s.D, s.HW, present), (s.B, s.D, present, s.HW),
+            (1, s.Np, s.D, s.L * s.S), (1, s.Np, s.L * s.S, s.D),
+            (1, s.B * s.HW, s.D, s.P), (1, s.B * s.HW, s.P, s.D), (1, s.P, s.B * s.HW, s.D),
+            (s.L, s.S, s.D, s.K)]
 
 
 # (op, direction) -> formula, in the order the profile runs and prints them.

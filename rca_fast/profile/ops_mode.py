@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from . import ceilings as ceil
-from . import counts
+from . import counts, torch_logs
 from .timing import Timer, environment
 
 ALL_BACKENDS = ("torch", "triton", "cuda", "compile")
@@ -164,7 +164,9 @@ def _row(shape, op, direction, backend, dtype_name, timing, nbytes, flops, ceili
                backend=backend, dtype=dtype_name, **timing.as_dict(), bytes=int(nbytes),
                flops=int(flops), GBps=nbytes / (ms * 1e-3) / 1e9, TFLOPs=flops / (ms * 1e-3) / 1e12,
                intensity=flops / nbytes, roofline_ms=roof_ms, roofline_frac=roof_ms / ms, bound=bound,
-               rate=ceil.rate_key(dtype_name, ceilings))
+               rate=ceil.rate_key(dtype_name, ceilings),
+               # faster than its roofline: a ceiling or the work count does not hold for this row
+               above_ceiling=roof_ms > ms)
     return row
 
 
@@ -172,50 +174,55 @@ def profile_op(op: str, shape: counts.ProfileShape, dtype_name: str, device: tor
                backends: List[str], timer: Timer, ceilings: dict, *, kmeans_iters: int,
                check: bool, seed: int, on_done: Callable[[], None] = lambda: None):
     """Rows for ``op`` at ``shape`` on each backend (forward, and backward where it has one),
-    and {backend-direction: why it failed}."""
+    {backend: why it failed}, and {backend: one-line summaries of what torch logged meanwhile}
+    (graph breaks of torch.compile and the like: kept out of the table's way)."""
     dtype = DTYPES[dtype_name]
     case = build_case(op, shape, dtype, device, torch.Generator().manual_seed(seed),
                       kmeans_iters=kmeans_iters)
     directions = ["fwd", "bwd"] if case.grad_inputs else ["fwd"]
     work = {d: counts.work(op, d, shape, dtype, kmeans_iters=kmeans_iters) for d in directions}
-    rows, failed, reference = [], {}, {}
+    rows, failed, reference, logged = [], {}, {}, {}
     for backend in backends:
+        records = []
         try:
-            fn = provider(op, backend)
-            fwd = lambda: fn(*case.args, **case.kwargs)  # noqa: E731
-            # correctness against the torch backend (first in the list), on fresh copies for in-place ops
-            if check and op != "kmeans":
-                args = case.fresh_args() if case.fresh_args else case.args
-                out = fn(*args, **case.kwargs)
-                got = _float_outputs(out)
-                if case.grad_inputs:
-                    outs, grads = case.grad_outputs(out)
-                    got_g = list(torch.autograd.grad(outs, case.grad_inputs, grads))
-                if backend == "torch":
-                    reference["fwd"], reference["bwd"] = got, (got_g if case.grad_inputs else None)
-            timing = timer.time(fwd)
-            row = _row(shape, op, "fwd", backend, dtype_name, timing, *work["fwd"], ceilings)
-            if check and "fwd" in reference and op != "kmeans":
-                row["rel_err_vs_torch"] = rel_err(got, reference["fwd"])
-            rows.append(row)
-            on_done()
-            if "bwd" in directions:
-                # a fresh forward graph before every timed backward (outside the timed region):
-                # compiled backward graphs donate their buffers and cannot run twice on one graph
-                timing = timer.time(lambda pair: torch.autograd.grad(pair[0], case.grad_inputs, pair[1]),
-                                    setup=lambda: case.grad_outputs(fwd()))
-                row = _row(shape, op, "bwd", backend, dtype_name, timing, *work["bwd"], ceilings)
-                if check and reference.get("bwd") is not None:
-                    row["rel_err_vs_torch"] = rel_err(got_g, reference["bwd"])
+            with torch_logs.captured(records):
+                fn = provider(op, backend)
+                fwd = lambda: fn(*case.args, **case.kwargs)  # noqa: E731
+                # correctness against the torch backend (first in the list), on fresh copies for in-place ops
+                if check and op != "kmeans":
+                    args = case.fresh_args() if case.fresh_args else case.args
+                    out = fn(*args, **case.kwargs)
+                    got = _float_outputs(out)
+                    if case.grad_inputs:
+                        outs, grads = case.grad_outputs(out)
+                        got_g = list(torch.autograd.grad(outs, case.grad_inputs, grads))
+                    if backend == "torch":
+                        reference["fwd"], reference["bwd"] = got, (got_g if case.grad_inputs else None)
+                timing = timer.time(fwd)
+                row = _row(shape, op, "fwd", backend, dtype_name, timing, *work["fwd"], ceilings)
+                if check and "fwd" in reference and op != "kmeans":
+                    row["rel_err_vs_torch"] = rel_err(got, reference["fwd"])
                 rows.append(row)
                 on_done()
+                if "bwd" in directions:
+                    # a fresh forward graph before every timed backward (outside the timed region):
+                    # compiled backward graphs donate their buffers and cannot run twice on one graph
+                    timing = timer.time(lambda pair: torch.autograd.grad(pair[0], case.grad_inputs, pair[1]),
+                                        setup=lambda: case.grad_outputs(fwd()))
+                    row = _row(shape, op, "bwd", backend, dtype_name, timing, *work["bwd"], ceilings)
+                    if check and reference.get("bwd") is not None:
+                        row["rel_err_vs_torch"] = rel_err(got_g, reference["bwd"])
+                    rows.append(row)
+                    on_done()
         except Exception as exc:  # one broken backend must not hide the others' numbers
             failed[backend] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if records:
+            logged[backend] = torch_logs.summary(records)
     torch_ms = {r["direction"]: r["ms"] for r in rows if r["backend"] == "torch"}
     for r in rows:
         if r["direction"] in torch_ms:
             r["speedup_vs_torch"] = torch_ms[r["direction"]] / r["ms"]
-    return rows, failed
+    return rows, failed, logged
 
 
 def run(shapes: Sequence[counts.ProfileShape], *, dtype_name: str = "fp32",
@@ -240,8 +247,14 @@ def run(shapes: Sequence[counts.ProfileShape], *, dtype_name: str = "fp32",
             raise ValueError(f"unknown op(s) {unknown}; choose from {op_names}")
         op_names = [o for o in op_names if o in ops]
     timer = timer or Timer(device)
-    ceilings = ceil.measure(device, dtypes=(dtype_name,), timer=Timer(device, flush_l2=False),
-                            **(ceiling_kwargs or {}))
+    # the ceilings are probed on the ops' own products and traffic too, so that they bound them
+    gemms = [g for shape in shapes for g in counts.gemm_shapes(shape)]
+    traffic = [counts.work(op, d, shape, DTYPES[dtype_name], kmeans_iters=kmeans_iters)[0] // 2
+               for shape in shapes for op, d in counts.OPS if op in op_names]
+    probes: List[dict] = []
+    with torch_logs.captured([]):
+        ceilings = ceil.measure(device, dtypes=(dtype_name,), gemms=gemms, copy_sizes=traffic,
+                                probes=probes, **(ceiling_kwargs or {}))
     plan = []
     for shape in shapes:
         for op in op_names:
@@ -250,28 +263,49 @@ def run(shapes: Sequence[counts.ProfileShape], *, dtype_name: str = "fp32",
     total = sum(len(chosen) * sum(1 for o, _ in counts.OPS if o == op) for _, op, chosen, _ in plan)
     bar = tqdm(total=total, desc="rca_fast.profile ops", unit="row",
                disable=(not progress) if progress is not None else None)
-    rows, skipped_all, failed_all = [], [], []
+    rows, skipped_all, failed_all, notes = [], [], [], []
     for shape, op, chosen, skipped in plan:
         bar.set_postfix_str(f"{shape.name} {counts.SHORT[op]}")
-        got, failed = profile_op(op, shape, dtype_name, device, chosen, timer, ceilings,
+        got, failed, logged = profile_op(op, shape, dtype_name, device, chosen, timer, ceilings,
                                  kmeans_iters=kmeans_iters, check=check, seed=seed,
                                  on_done=lambda: bar.update(1))
         rows += got
         skipped_all += [dict(shape=shape.name, op=op, backend=b, reason=r) for b, r in skipped.items()]
         failed_all += [dict(shape=shape.name, op=op, backend=b, error=e) for b, e in failed.items()]
+        notes += [dict(shape=shape.name, op=op, backend=b, note=line)
+                  for b, lines in logged.items() for line in lines]
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
     return {"mode": "ops", **environment(device), "dtype": dtype_name, "kmeans_iters": kmeans_iters,
             "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-            "ceilings": ceilings, "shapes": [s.as_dict() for s in shapes],
+            "ceilings": ceilings, "ceiling_probes": probes, "shapes": [s.as_dict() for s in shapes],
             "work_formulas": {f"{op}.{d}": counts.formula_doc(op, d) for op, d in counts.OPS},
-            "rows": rows, "skipped": skipped_all, "failed": failed_all}
+            "rows": rows, "skipped": skipped_all, "failed": failed_all, "torch_notes": notes}
 
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+ABOVE = "above!"
+ABOVE_NOTE = (f"{ABOVE} = measured faster than its roofline (ms < roof ms): a ceiling or the work count "
+              f"does not hold for that row, so its %roof is no result (profile.json: \"above_ceiling\": true)")
+
+
+def _best_probe(doc: dict, key: str) -> str:
+    """' (product 1x2116x512x200, 2 threads)': which probe set the ceiling ``key``."""
+    best = next((p for p in doc.get("ceiling_probes", []) if p["key"] == key and p.get("best")), None)
+    if best is None:
+        return ""
+    what = (f"{best['bytes'] / 2 ** 20:.3g} MiB" if "bytes" in best
+            else "product " + "x".join(str(v) for v in best["gemm"]))
+    return f" ({what}, {best['threads']} thread{'s' if best['threads'] != 1 else ''})"
+
+
+def _roof_pct(row: dict) -> str:
+    return ABOVE if row.get("above_ceiling") else _fmt(100 * row["roofline_frac"], ".1f")
 
 
 def table(doc: dict) -> str:
@@ -284,19 +318,24 @@ def table(doc: dict) -> str:
                       f"{r['p20_ms']:.3g}-{r['p80_ms']:.3g}", _fmt(r["bytes"] / 1e6, ".4g"),
                       _fmt(r["flops"] / 1e9, ".4g"), _fmt(r["GBps"], ".4g"), _fmt(r["TFLOPs"], ".3g"),
                       _fmt(r["intensity"], ".3g"), _fmt(r["roofline_ms"], ".3g"),
-                      _fmt(100 * r["roofline_frac"], ".1f"), r["bound"],
+                      _roof_pct(r), r["bound"],
                       _fmt(r.get("speedup_vs_torch"), ".2f"), _fmt(r.get("rel_err_vs_torch"), ".1e")])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["  ".join(str(c).rjust(w) if i >= 4 else str(c).ljust(w)
                      for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
     out.insert(1, "-" * len(out[0]))
     c = doc["ceilings"]
-    rates = ", ".join(f"{k.split('_')[0]} {c[k]:.3g} TFLOP/s"
+    rates = ", ".join(f"{k.split('_')[0]} {c[k]:.3g} TFLOP/s{_best_probe(doc, k)}"
                       for k in ("bf16_TFLOPs", "tf32_TFLOPs", "fp32_TFLOPs") if k in c)
-    out.insert(0, f"device: {doc['device']}  |  ceilings: copy {c['copy_GBps']:.4g} GB/s, {rates}  |  "
+    out.insert(0, f"device: {doc['device']}  |  ceilings: copy {c['copy_GBps']:.4g} GB/s"
+                  f"{_best_probe(doc, 'copy_GBps')}, {rates}  |  "
                   f"dtype {doc['dtype']}")
     for s in doc["skipped"]:
         out.append(f"skipped: {s['shape']} {s['op']} [{s['backend']}]: {s['reason']}")
     for f in doc["failed"]:
         out.append(f"FAILED:  {f['shape']} {f['op']} [{f['backend']}]: {f['error']}")
+    if any(r.get("above_ceiling") for r in doc["rows"]):
+        out.append(ABOVE_NOTE)
+    for n in doc.get("torch_notes", []):
+        out.append(f"note: {n['shape']} {counts.SHORT.get(n['op'], n['op'])} [{n['backend']}]: torch logged: {n['note']}")
     return "\n".join(out)

@@ -62,7 +62,9 @@ def roofline(doc: dict, path: str) -> str:
             name = f"{r['short']}.{r['direction']}"
             ax.scatter(r["intensity"], r["TFLOPs"] * 1e12, marker=MARKERS.get(r["backend"], "x"),
                        color=colours[name], s=55, edgecolors="black", linewidths=0.5, zorder=3)
-            ax.annotate(f"{name} {r['backend']} {_percent(r['roofline_frac'])}",
+            # a point above the roof is no result: a ceiling or the work count failed for it
+            pct = "above roof!" if r.get("above_ceiling") else _percent(r["roofline_frac"])
+            ax.annotate(f"{name} {r['backend']} {pct}",
                         (r["intensity"], r["TFLOPs"] * 1e12), fontsize=6, xytext=(4, 3),
                         textcoords="offset points")
         ax.set_xscale("log")
