@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 NORM_EPS = 1e-12  # the norm floor of the contract's cosine similarity (a zero vector -> similarity 0)
 
@@ -267,3 +268,61 @@ def blobs(L: int, S: int, D: int, centers: int, gen: torch.Generator, std: float
     problems = [make_blobs(n_samples=S, n_features=D, centers=centers, cluster_std=std,
                            random_state=numpy_seed(gen))[0] for _ in range(L)]
     return torch.from_numpy(np.stack(problems)).float(), problems
+
+
+# --------------------------------------------------------------------------- CAMs, labels, mIoU
+def iou_oracle(pairs, num_classes):
+    """Per-class IoU by counting pixels one at a time; pred 255 is a miss, gt 255 is skipped."""
+    tp = [0] * num_classes
+    fp = [0] * num_classes
+    fn = [0] * num_classes
+    for pred, gt in pairs:
+        for p, g in zip(np.asarray(pred).reshape(-1).tolist(), np.asarray(gt).reshape(-1).tolist()):
+            if g == 255:
+                continue
+            if p == g:
+                tp[g] += 1
+            else:
+                fn[g] += 1
+                if p != 255:
+                    fp[p] += 1
+    ious = []
+    for c in range(num_classes):
+        union = tp[c] + fp[c] + fn[c]
+        ious.append(tp[c] / union if union else float("nan"))
+    valid = [v for v in ious if v == v]
+    return ious, sum(valid) / len(valid)
+
+
+def cam_label_oracle(cams, keys, t):
+    """Label map pixel by pixel: the best class if its value is > t, else background."""
+    k, H, W = cams.shape
+    out = np.zeros((H, W), np.int64)
+    for y in range(H):
+        for x in range(W):
+            best, value = -1, None
+            for i in range(k):
+                v = float(cams[i, y, x])
+                if value is None or v > value:
+                    best, value = i, v
+            if value is not None and value > t:
+                out[y, x] = int(keys[best]) + 1
+    return out
+
+
+def cam_oracle(model, image, scales, out_size):
+    """Multi-scale + flip CAMs of one image written out step by step: for each scale resize
+    (ceil of size x scale), run the model, ReLU, upsample to ``out_size``, do the same for the
+    flipped image and flip its maps back, sum everything; float64 from the model's output on."""
+    H, W = image.shape[-2:]
+    total = 0
+    for scale in scales:
+        size = (math.ceil(H * scale), math.ceil(W * scale))
+        x = image[None] if size == (H, W) else F.interpolate(
+            image[None], size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True):
+            cams = model(x.flip(-1) if flipped else x).cams.double()
+            cams = F.interpolate(cams.clamp(min=0), size=out_size, mode="bilinear",
+                                                   align_corners=False)[0]
+            total = total + (cams.flip(-1) if flipped else cams)
+    return total.numpy()

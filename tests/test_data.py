@@ -89,10 +89,34 @@ def test_normalize_image_rejects_float():
 
 
 @pytest.mark.parametrize("h,w,crop", [(20, 30, 24), (50, 41, 24)], ids=["small-H20W30", "large-H50W41"])
-def test_train_transform_shape(h, w, crop, gen):
+def test_train_transform_crops_the_resized_flipped_image(h, w, crop, gen):
+    """Without colour jitter, each crop is the image resized (longer side = input size x a scale
+    in [0.9, 1.1], aspect kept), flipped when the view says so, normalised pixel by pixel here,
+    copied from (sy, sx) to (dy, dx), zero (the mean colour) elsewhere; both flips occur."""
     img = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
-    out = TrainTransform(max(h, w), crop, seed=0)(img)
-    assert out.shape == (3, crop, crop) and torch.isfinite(out).all()
+    size = 40
+    transform = TrainTransform(size, crop, seed=int(torch.randint(1 << 30, (), generator=gen)), jitter=False)
+    flips = set()
+    for _ in range(20):  # both flips: all 20 alike has probability 2e-6
+        out, view = transform.with_view(img)
+        H0, W0, rh, rw, flipped, sy, sx, dy, dx, hh, ww = view.tolist()
+        assert out.shape == (3, crop, crop) and (H0, W0) == (h, w)
+        assert round(0.9 * size) <= max(rh, rw) <= round(1.1 * size)
+        assert abs(rh / rw - h / w) < 2 / min(rh, rw)  # aspect kept up to rounding
+        assert (hh, ww) == (min(crop, rh), min(crop, rw))
+        assert 0 <= sy <= rh - hh and 0 <= sx <= rw - ww and 0 <= dy <= crop - hh and 0 <= dx <= crop - ww
+        resized = np.asarray(Image.fromarray(img).resize((rw, rh), Image.BILINEAR))
+        if flipped:
+            resized = resized[:, ::-1]
+        flips.add(flipped)
+        want = torch.zeros(3, crop, crop, dtype=torch.float64)
+        for c in range(3):
+            for y in range(hh):
+                for x in range(ww):
+                    value = float(resized[sy + y, sx + x, c]) / 255.0
+                    want[c, dy + y, dx + x] = (value - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    assert flips == {0, 1}
 
 
 def test_voc_palette_and_png_roundtrip(tmp_path, gen):

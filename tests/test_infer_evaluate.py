@@ -1,9 +1,8 @@
 """Metrics, ``python -m rca_fast.infer`` and ``python -m rca_fast.evaluate`` on tiny inputs.
 
-The mIoU oracles are plain Python loops over pixels written here.
+The mIoU and CAM oracles (tests/oracles.py) are plain Python loops over pixels and passes.
 """
 import json
-import math
 import os
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from oracles import cam_label_oracle, cam_oracle, iou_oracle
 from rca_fast import evaluate as evaluate_mod
 from rca_fast import infer as infer_mod
 from rca_fast.data import DataFileError
@@ -24,46 +24,6 @@ from rca_fast.utils.palette import save_label_png
 
 TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "8", "--prototypes", "2",
         "--no-progress", "--threads", "1"]
-
-
-# ---------------------------------------------------------------- oracles
-def iou_oracle(pairs, num_classes):
-    """Per-class IoU by counting pixels one at a time; pred 255 is a miss, gt 255 is skipped."""
-    tp = [0] * num_classes
-    fp = [0] * num_classes
-    fn = [0] * num_classes
-    for pred, gt in pairs:
-        for p, g in zip(np.asarray(pred).reshape(-1).tolist(), np.asarray(gt).reshape(-1).tolist()):
-            if g == 255:
-                continue
-            if p == g:
-                tp[g] += 1
-            else:
-                fn[g] += 1
-                if p != 255:
-                    fp[p] += 1
-    ious = []
-    for c in range(num_classes):
-        union = tp[c] + fp[c] + fn[c]
-        ious.append(tp[c] / union if union else float("nan"))
-    valid = [v for v in ious if v == v]
-    return ious, sum(valid) / len(valid)
-
-
-def cam_label_oracle(cams, keys, t):
-    """Label map pixel by pixel: the best class if its value is > t, else background."""
-    k, H, W = cams.shape
-    out = np.zeros((H, W), np.int64)
-    for y in range(H):
-        for x in range(W):
-            best, value = -1, None
-            for i in range(k):
-                v = float(cams[i, y, x])
-                if value is None or v > value:
-                    best, value = i, v
-            if value is not None and value > t:
-                out[y, x] = int(keys[best]) + 1
-    return out
 
 
 def random_case(gen, C, H, W, n):
@@ -238,24 +198,6 @@ def test_infer_synthetic_then_evaluate(synthetic_checkpoint, tmp_path):
         assert abs(metrics["miou_per_threshold"][ti] - want) < 1e-9, f"threshold {t}"
     assert metrics["miou"] == max(metrics["miou_per_threshold"])
     assert metrics["class_names"] == ["background"] + ds.class_names  # read from infer.json
-
-
-def cam_oracle(model, image, scales, out_size):
-    """Multi-scale + flip CAMs of one image written out step by step: for each scale resize
-    (ceil of size x scale), run the model, ReLU, upsample to ``out_size``, do the same for the
-    flipped image and flip its maps back, sum everything; float64 from the model's output on."""
-    H, W = image.shape[-2:]
-    total = 0
-    for scale in scales:
-        size = (math.ceil(H * scale), math.ceil(W * scale))
-        x = image[None] if size == (H, W) else torch.nn.functional.interpolate(
-            image[None], size=size, mode="bilinear", align_corners=False)
-        for flipped in (False, True):
-            cams = model(x.flip(-1) if flipped else x).cams.double()
-            cams = torch.nn.functional.interpolate(cams.clamp(min=0), size=out_size, mode="bilinear",
-                                                   align_corners=False)[0]
-            total = total + (cams.flip(-1) if flipped else cams)
-    return total.numpy()
 
 
 def pseudo_label_oracle(cams, keys, t, margin):
