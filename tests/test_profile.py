@@ -122,10 +122,10 @@ def test_ops_rows_match_work_formulas(tmp_path, gen, shape, dtype):
         assert r["roofline_ms"] == pytest.approx(max(memory_ms, compute_ms), rel=1e-9), where
         assert r["bound"] == ("memory" if memory_ms >= compute_ms else "compute"), where
         assert r["roofline_frac"] == pytest.approx(r["roofline_ms"] / r["ms"], rel=1e-9), where
-        if r["backend"] == "torch":
-            assert r["speedup_vs_torch"] == pytest.approx(1.0)
-            if r["op"] != "kmeans":
-                assert r["rel_err_vs_torch"] == 0.0, where
+        # x torch from the saved timings (the torch row compared with itself proved nothing)
+        torch_ms = next(t["ms"] for t in saved["rows"]
+                        if (t["op"], t["direction"], t["backend"]) == (r["op"], r["direction"], "torch"))
+        assert r["speedup_vs_torch"] == pytest.approx(torch_ms / r["ms"], rel=1e-9), where
     check_png(tmp_path / "roofline.png")
 
 
@@ -236,8 +236,18 @@ def test_step_mode_runs_and_splits_the_step(tmp_path):
         saved = json.load(f)
     parts = {r["part"]: r for r in saved["split"] if r["kind"] == "part"}
     total = next(r for r in saved["split"] if r["kind"] == "total")
-    assert sum(r["ms"] for r in parts.values()) == pytest.approx(total["ms"], rel=1e-6)
     assert all(r["ms"] >= 0 for r in parts.values())
+    # The remainder part makes the parts sum to the total by construction; what can be checked:
+    # the measured parts fit in the step (the remainder was not clamped at 0), and the total
+    # minus the amortised k-means is the mean 'rca::step' range of the trace, read here.
+    kmeans = next(r for r in parts.values() if r["part"].startswith("k-means refresh"))
+    rest = [r for r in parts.values() if not r["part"].startswith(("untracked", "idle", "k-means"))]
+    wall = total["ms"] - kmeans["ms"]
+    assert sum(r["ms"] for r in rest) <= wall * (1 + 1e-6)
+    with open(tmp_path / "trace.json") as f:
+        trace = json.load(f)
+    steps = [e["dur"] / 1e3 for e in trace["traceEvents"] if e.get("name") == "rca::step" and "dur" in e]
+    assert len(steps) == 2 and wall == pytest.approx(sum(steps) / 2, rel=0.05), (steps, wall)
     for part in ("backbone fwd", "backbone bwd", "CAM heads fwd", "CAM heads bwd", "RCA head: MAP fwd",
                  "RCA head: NCE fwd", "RCA head: NCE bwd", "RCA head: attention fwd", "optimiser"):
         assert parts[part]["ms"] > 0, part
