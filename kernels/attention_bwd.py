@@ -20,21 +20,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (AUTOTUNE_MIN_ROWS, INTERPRET, acc_dtype, cast_rne, clamp_configs, contract_rows,
-                        dot_acc, fixed_launch, kernel_meta, num_sms, on_device, scale_scores, split_scale)
+from .attention_tile import (INTERPRET, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc,
+                             fixed_launch, kernel_meta, num_sms, on_device, scale_scores, split_scale)
+from .launch_rule import MAXNREG, autotune_requested
+from .precise_math import exp_precise
 
 INTERPRET_BWD_BLOCKS = dict(
     scores=dict(BLOCK_M=16, BLOCK_P=16, BLOCK_D=16, BLOCK_DV=16),
     grads=dict(BLOCK_M_Q=16, BLOCK_P_Q=16, BLOCK_N_Q=16, BLOCK_M_R=16, BLOCK_P_R=16, BLOCK_N_R=16),
 )
-# The grads kernel is not autotuned (the partials' size depends on its tiles); by element size.
+# The grads kernel is not autotuned (the partials' size depends on its tiles): one config per
+# precision family, checked by the sm_90a compile check (no spills, D = Dv = 512, P = 200).
 GPU_GRADS_BLOCKS = {
-    2: dict(BLOCK_M_Q=64, BLOCK_P_Q=64, BLOCK_N_Q=128, BLOCK_M_R=64, BLOCK_P_R=64, BLOCK_N_R=64,
-            num_warps=4, num_stages=3),
-    4: dict(BLOCK_M_Q=64, BLOCK_P_Q=32, BLOCK_N_Q=128, BLOCK_M_R=64, BLOCK_P_R=64, BLOCK_N_R=64,
-            num_warps=4, num_stages=2),
-    8: dict(BLOCK_M_Q=64, BLOCK_P_Q=32, BLOCK_N_Q=64, BLOCK_M_R=32, BLOCK_P_R=32, BLOCK_N_R=64,
-            num_warps=4, num_stages=2),
+    "16bit": dict(BLOCK_M_Q=64, BLOCK_P_Q=64, BLOCK_N_Q=128, BLOCK_M_R=64, BLOCK_P_R=64, BLOCK_N_R=64,
+                  num_warps=4, num_stages=3, maxnreg=MAXNREG),
+    "fp32": dict(BLOCK_M_Q=64, BLOCK_P_Q=32, BLOCK_N_Q=64, BLOCK_M_R=32, BLOCK_P_R=32, BLOCK_N_R=64,
+                 num_warps=4, num_stages=2, maxnreg=MAXNREG),
 }
 SUM_BLOCK = 1024
 
@@ -45,7 +46,7 @@ def padded_cols(P: int) -> int:
     return triton.cdiv(P, 16) * 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "P"])
 def _attn_bwd_scores_kernel(q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, probs_ptr, dscores_ptr,
                             M, P, D, DV, LDP, scale_hi, scale_lo,
                             ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
@@ -75,7 +76,7 @@ def _attn_bwd_scores_kernel(q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, pro
         s = contract_rows(q_ptr, rows64 * D, row_ok, k_ptr, keys64 * D, key_ok, D,
                           BLOCK_M, BLOCK_P, BLOCK_D, ACC_DTYPE, PRECISION, INTERP_BF16)
         # tl.where, not a product: exp() of a padded key may overflow, and inf * 0 would be NaN.
-        probs = tl.where(key_ok[None, :], tl.exp(scale_scores(s, scale_hi, scale_lo) - lse[:, None]), 0.0)
+        probs = tl.where(key_ok[None, :], exp_precise(scale_scores(s, scale_hi, scale_lo) - lse[:, None]), 0.0)
         d_probs = contract_rows(dout_ptr, rows64 * DV, row_ok, v_ptr, keys64 * DV, key_ok, DV,
                                 BLOCK_M, BLOCK_P, BLOCK_DV, ACC_DTYPE, PRECISION, INTERP_BF16)
         d_scores = scale_scores(probs * (d_probs - delta[:, None]), scale_hi, scale_lo)
@@ -132,7 +133,7 @@ def _rows_reduce_tile(a_ptr, LDA, b_ptr, part_ptr, LDPART, M, K, N, row_begin, r
              mask=k_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "P", "rows_per_split"])
 def _attn_bwd_grads_kernel(dscores_ptr, probs_ptr, q_ptr, k_ptr, dout_ptr, dq_ptr, part_ptr,
                            M, P, D, DV, LDP, rows_per_split,
                            ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
@@ -164,7 +165,7 @@ def _attn_bwd_grads_kernel(dscores_ptr, probs_ptr, q_ptr, k_ptr, dout_ptr, dq_pt
                               BLOCK_M_R, BLOCK_P_R, BLOCK_N_R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _sum_splits_kernel(part_ptr, dk_ptr, dv_ptr, splits, P, D, DV, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """dk = sum_s part[s, :, :D], dv = sum_s part[s, :, D:], added in split order."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -182,19 +183,43 @@ def _sum_splits_kernel(part_ptr, dk_ptr, dv_ptr, splits, P, D, DV, INTERP_BF16: 
     tl.store(dv_ptr + p * DV + (c - D), cast_rne(total, dv_ptr.dtype.element_ty, INTERP_BF16), mask=ok & (c >= D))
 
 
-_SCORES_CONFIGS = [
-    # A P block of 256 reads each chunk of q and dO once per program for P <= 256 (RCA: 200).
-    triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_D=64, BLOCK_DV=64), num_warps=4, num_stages=2),
-    triton.Config(dict(BLOCK_M=64, BLOCK_P=128, BLOCK_D=64, BLOCK_DV=64), num_warps=8, num_stages=2),
-    triton.Config(dict(BLOCK_M=64, BLOCK_P=256, BLOCK_D=64, BLOCK_DV=64), num_warps=8, num_stages=2),
-    triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_D=128, BLOCK_DV=128), num_warps=8, num_stages=2),
-]
-_SCORES_CAPS = {"BLOCK_P": "P", "BLOCK_D": "D", "BLOCK_DV": "DV"}
-_scores_tuned = triton.autotune(
-    configs=_SCORES_CONFIGS, key=["P", "D", "DV", "PRECISION"],
-    prune_configs_by={"early_config_prune":
-                      lambda configs, named_args, **kw: clamp_configs(configs, named_args, _SCORES_CAPS)},
-)(_attn_bwd_scores_kernel)
+def _cfg(m, p, d, dv, warps, stages):
+    return triton.Config(dict(BLOCK_M=m, BLOCK_P=p, BLOCK_D=d, BLOCK_DV=dv), num_warps=warps, num_stages=stages,
+                         maxnreg=MAXNREG)
+
+
+# Launchable configs of the scores kernel per precision family (``attention.precision_family``),
+# checked by the sm_90a compile check.  The FIRST entry is the fixed rule's choice (blocks clamped
+# to the shapes); RCA_FAST_AUTOTUNE=1 times them all.  A P block of 256 reads each chunk of q and
+# dO once per program for P <= 256 (RCA: 200); IEEE fp32 dots need smaller tiles.
+SCORES_CONFIGS = {
+    "16bit": [_cfg(64, 64, 64, 64, 4, 2), _cfg(64, 256, 64, 64, 8, 2)],
+    "fp32": [_cfg(64, 32, 32, 32, 4, 2), _cfg(32, 64, 32, 32, 8, 2)],
+}
+SCORES_CAPS = {"BLOCK_P": "P", "BLOCK_D": "D", "BLOCK_DV": "DV"}
+_tuned_scores: dict = {}
+
+
+def precision_family(dtype: torch.dtype) -> str:
+    """The config list of an input dtype (fp64 runs only in the interpreter; see attention.py)."""
+    return "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
+def _scores_tuned(family: str):
+    if family not in _tuned_scores:
+        _tuned_scores[family] = triton.autotune(
+            configs=SCORES_CONFIGS[family], key=["P", "D", "DV", "PRECISION"],
+            prune_configs_by={"early_config_prune":
+                              lambda configs, named_args, **kw: clamp_configs(configs, named_args, SCORES_CAPS)},
+        )(_attn_bwd_scores_kernel)
+    return _tuned_scores[family]
+
+
+def bwd_launch_blocks(dtype: torch.dtype, P: int, D: int, DV: int) -> dict:
+    """The fixed rule: the family's first scores config (clamped to the shapes) and its grads blocks."""
+    family = precision_family(dtype)
+    return dict(scores=fixed_launch(SCORES_CONFIGS[family][0], dict(P=P, D=D, DV=DV), SCORES_CAPS),
+                grads=GPU_GRADS_BLOCKS[family])
 
 
 def row_splits(M: int, reduce_tiles: int, block_m: int, device: torch.device) -> Tuple[int, int]:
@@ -221,9 +246,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     meta = kernel_meta(q.dtype)
     if blocks is None and (INTERPRET or q.device.type != "cuda"):
         blocks = INTERPRET_BWD_BLOCKS
-    elif blocks is None and M < AUTOTUNE_MIN_ROWS:
-        blocks = dict(scores=fixed_launch(_SCORES_CONFIGS[0], dict(P=P, D=D, DV=DV), _SCORES_CAPS),
-                      grads=GPU_GRADS_BLOCKS[q.element_size()])
+    elif blocks is None and not autotune_requested():
+        blocks = bwd_launch_blocks(q.dtype, P, D, DV)
 
     with on_device(q.device):
         return _launch_backward(grad_out, q, k, v, out, lse, hi, lo, meta, blocks)
@@ -238,12 +262,12 @@ def _launch_backward(grad_out, q, k, v, out, lse, hi, lo, meta, blocks):
     dscores = torch.empty_like(probs)
     args = (q, k, v, out, grad_out, lse, probs, dscores, M, P, D, DV, ldp, hi, lo)
     if blocks is None:
-        _scores_tuned[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]),)](*args, **meta)
+        _scores_tuned(precision_family(q.dtype))[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]),)](*args, **meta)
     else:
         _attn_bwd_scores_kernel[(triton.cdiv(M, blocks["scores"]["BLOCK_M"]),)](
             *args, **meta, **blocks["scores"])
 
-    grads_cfg = dict(GPU_GRADS_BLOCKS[q.element_size()] if blocks is None else blocks["grads"])
+    grads_cfg = dict(GPU_GRADS_BLOCKS[precision_family(q.dtype)] if blocks is None else blocks["grads"])
     n_p_tiles = triton.cdiv(P, grads_cfg["BLOCK_P_R"])
     reduce_tiles = n_p_tiles * (triton.cdiv(D, grads_cfg["BLOCK_N_R"]) + triton.cdiv(DV, grads_cfg["BLOCK_N_R"]))
     if "splits" in grads_cfg:      # tests: force several (ragged) row ranges at small M

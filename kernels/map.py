@@ -32,6 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_rule import MAXNREG, autotune_requested
+from .precise_math import div_precise
+
 __all__ = ["masked_average_pool"]
 
 
@@ -61,7 +64,8 @@ def _slot_classes(cls_all, present, rank, n_present, first, SLOTS: tl.constexpr)
     return cls, slot_rank < n_present
 
 
-@triton.jit
+# L, D and HW only bound masks and loops (the strides stay specialised): one binary for more shapes
+@triton.jit(do_not_specialize=["L", "D", "HW"])
 def _map_fwd_kernel(feat_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, emb_ptr,
                     L, D, HW,
                     s_fb, s_fd, s_fhw, s_cb, s_cl, s_chw, s_eb, s_el, s_ed,
@@ -132,7 +136,8 @@ def _map_fwd_kernel(feat_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, emb_pt
         # (3) the mean under the mask; an empty mask gives 0, not 0/0
         count = tl.sum(pixels, axis=2)                                               # [SLOTS, 1]
         sums = tl.sum(acc, axis=2)                                                   # [SLOTS, BLOCK_D]
-        emb = tl.where(count > 0, sums / tl.maximum(count, 1).to(acc_dtype), 0.0)
+        # correctly rounded division (compiled '/' on fp32 is div.full, 2 ulp; see precise_math.py)
+        emb = tl.where(count > 0, div_precise(sums, tl.maximum(count, 1).to(acc_dtype)), 0.0)
         tl.store(emb_ptr + b * s_eb + cls[:, None] * s_el + offs_d[None, :] * s_ed,
                  emb.to(emb_ptr.dtype.element_ty), mask=used[:, None] & d_ok[None, :])
         stats_ptrs = b * L + cls[:, None]                                            # [SLOTS, 1]
@@ -141,7 +146,7 @@ def _map_fwd_kernel(feat_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, emb_pt
         tl.store(count_ptr + stats_ptrs, count.to(tl.int64), mask=stats_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "D", "HW"])
 def _map_bwd_kernel(grad_emb_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, grad_feat_ptr,
                     L, D, HW,
                     s_gb, s_gl, s_gd, s_cb, s_cl, s_chw, s_ob, s_od, s_ohw,
@@ -184,7 +189,7 @@ def _map_bwd_kernel(grad_emb_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, gr
             grad = tl.load(grad_base + cls_s * s_gl + grad_offs, mask=d_ok & used_s,
                            other=0).to(acc_dtype)
             # same operation as the reference (grad_emb / count); an empty mask gives 0
-            grad = tl.where(count > 0, grad / tl.maximum(count, 1).to(acc_dtype), 0.0)
+            grad = tl.where(count > 0, div_precise(grad, tl.maximum(count, 1).to(acc_dtype)), 0.0)
             out += grad * inside
     out_base = grad_feat_ptr + b * s_ob + d0.to(tl.int64) * s_od + hw0.to(tl.int64) * s_ohw
     out_offs = (tl.arange(0, BLOCK_D) * s_od)[:, None] + (tl.arange(0, BLOCK_HW) * s_ohw)[None, :]
@@ -259,28 +264,34 @@ def _fwd_configs(slots: int, fp64: bool) -> list:
     <= 64 registers a thread; UNROLL sub-tiles are loaded per step so that enough bytes are in
     flight per SM even at one or two programs per SM (B * D / BLOCK_D programs in all)."""
     out = []
-    for block_d, block_hw, unroll, warps in ((8, 128, 2, 4), (4, 128, 4, 4), (16, 128, 1, 4),
-                                             (8, 256, 2, 8)):
+    # (two candidates: each is compiled for sm_90a by the compile check at every shape and dtype)
+    for block_d, block_hw, unroll, warps in ((8, 128, 2, 4), (4, 128, 4, 4)):
         per_thread = slots * block_d * block_hw // (32 * warps) * (2 if fp64 else 1)
-        if per_thread <= 64:
+        # loads in flight: slots * unroll CAM sub-tiles; 8 slots x 4 sub-tiles spilled 8 B (fp32)
+        if per_thread <= 64 and slots * unroll <= 16:
             out.append(triton.Config(dict(BLOCK_D=block_d, BLOCK_HW=block_hw, UNROLL=unroll,
-                                          MEAN_HW=1024 * warps // slots), num_warps=warps))
-    return out or [triton.Config(dict(BLOCK_D=4, BLOCK_HW=128, UNROLL=1, MEAN_HW=128), num_warps=4)]
+                                          MEAN_HW=1024 * warps // slots), num_warps=warps, maxnreg=MAXNREG))
+    return out or [triton.Config(dict(BLOCK_D=4, BLOCK_HW=128, UNROLL=1, MEAN_HW=128), num_warps=4,
+                                 maxnreg=MAXNREG)]
 
 
-def _bwd_configs(fp64: bool) -> list:
-    """GPU candidates for the backward (one output tile a program; stores dominate)."""
-    shapes = ((16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 128, 4))
+def _bwd_configs(fp64: bool, slots: int = 4) -> list:
+    """GPU candidates for the backward (one output tile a program; stores dominate).  With 8 classes
+    a pass (no labels) the [16, 256] tile spilled 148-456 B (sm_90a): narrower tiles then."""
+    shapes = ((16, 256, 4), (16, 128, 4)) if slots <= 4 else ((8, 128, 4), (16, 128, 4))
     if fp64:
         shapes = ((16, 128, 4), (8, 256, 4), (16, 256, 8))
-    return [triton.Config(dict(BLOCK_D=d, BLOCK_HW=hw), num_warps=w) for d, hw, w in shapes]
+    return [triton.Config(dict(BLOCK_D=d, BLOCK_HW=hw), num_warps=w, maxnreg=MAXNREG) for d, hw, w in shapes]
 
 
 def _config_kwargs(config: Optional[triton.Config], default: dict) -> dict:
     """Launch keywords (block sizes and num_warps) of ``config``, or ``default``."""
     if config is None:
         return dict(default)
-    return dict(config.kwargs, num_warps=config.num_warps)
+    out = dict(config.kwargs, num_warps=config.num_warps)
+    if config.maxnreg:
+        out["maxnreg"] = config.maxnreg
+    return out
 
 
 _tuned: dict = {}
@@ -295,7 +306,7 @@ def _tuned_kernel(kind: str, slots: int, fp64: bool):
             _tuned[key] = triton.autotune(_fwd_configs(slots, fp64),
                                           key=["L", "D", "HW", "HAS_LABELS"])(_map_fwd_kernel)
         else:
-            _tuned[key] = triton.autotune(_bwd_configs(fp64),
+            _tuned[key] = triton.autotune(_bwd_configs(fp64, slots),
                                           key=["L", "D", "HW", "HAS_LABELS"])(_map_bwd_kernel)
     return _tuned[key]
 
@@ -306,7 +317,8 @@ def _launch_fwd(features: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     """emb (B, L, D) features.dtype, count (B, L) int64, mean (B, L) float64 (saved for the
     backward: the threshold of each region mask).
 
-    On CUDA the configuration is autotuned; in the interpreter it is ``_INTERPRET_FWD``.
+    On CUDA the configuration is the first of ``_fwd_configs`` (the fixed rule; autotuned over the
+    list under RCA_FAST_AUTOTUNE=1); in the interpreter it is ``_INTERPRET_FWD``.
     ``config``/``slots`` force one (the tests run every GPU candidate in the interpreter)."""
     B, D, H, W = features.shape
     L = cams.shape[1]
@@ -331,9 +343,11 @@ def _launch_fwd(features: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     # at least one D-block, so that mean and count are written even when D == 0
     grid = lambda m: (max(1, triton.cdiv(D, m["BLOCK_D"])), B)  # noqa: E731
     with _launch_device(features.device):
-        if on_gpu and config is None:
+        if on_gpu and config is None and autotune_requested():
             _tuned_kernel("fwd", slots, fp64)[grid](*args, **meta)
         else:
+            if on_gpu and config is None:
+                config = _fwd_configs(slots, fp64)[0]      # the fixed rule (launch_rule.py)
             cfg = _config_kwargs(config, _INTERPRET_FWD)
             _map_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
     return emb, count, mean
@@ -371,9 +385,11 @@ def _launch_bwd(grad_emb: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     meta = dict(HAS_LABELS=has_labels, LP=_pow2(L), SLOTS=slots, ACC_FP64=fp64)
     grid = lambda m: (triton.cdiv(D, m["BLOCK_D"]), triton.cdiv(HW, m["BLOCK_HW"]), B)  # noqa: E731
     with _launch_device(grad_emb.device):
-        if on_gpu and config is None:
+        if on_gpu and config is None and autotune_requested():
             _tuned_kernel("bwd", slots, fp64)[grid](*args, **meta)
         else:
+            if on_gpu and config is None:
+                config = _bwd_configs(fp64, slots)[0]      # the fixed rule (launch_rule.py)
             cfg = _config_kwargs(config, _INTERPRET_BWD)
             _map_bwd_kernel[grid(cfg)](*args, **meta, **cfg)
     return grad_features
@@ -448,5 +464,10 @@ def masked_average_pool(features: torch.Tensor, cams: torch.Tensor,
     """
     if labels is not None and labels.dtype != torch.bool:
         labels = labels != 0
+    if features.dtype == torch.float64 and features.device.type == "cuda":
+        # fp64 accumulators spill on sm_90 and fp64 is no training dtype: the reference.  The
+        # interpreter keeps running the kernels in fp64 (the CPU tests' exact oracle).
+        from rca_fast.ref.map import masked_average_pool as reference
+        return reference(features, cams, labels)
     emb, count, _ = map_fwd(features, cams.detach(), labels)
     return emb, count

@@ -33,13 +33,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_rule import MAXNREG, autotune_requested, launch_options
 from .nce_bwd import backward
-from .nce_tile import (cdiv, dot_mode, launch_device, row_inv_norms, sim_tile,
-                       split_units, is_interpret, target_programs, S_GRANULE_GPU, S_GRANULE_INTERPRET)
+from .nce_tile import (DOT_NATIVE, DOT_SPLIT2_BF16, DOT_SPLIT_BF16, S_GRANULE_GPU, S_GRANULE_INTERPRET,
+                       cdiv, check_int32_offsets, dot_mode, is_interpret, launch_device, row_inv_norms,
+                       sim_tile, split_units, target_programs)
+from .precise_math import exp_precise, log_precise
 
 
 # ----------------------------------------------------------------------------------------- kernels
-@triton.jit
+# Grid bookkeeping and the row count (it changes every training step) are not specialised on
+# (divisible by 16 / equal to 1): one binary for every N, and fewer compiles.
+@triton.jit(do_not_specialize=["N", "S", "n_row_blocks", "n_chunks", "n_units"])
 def _nce_lse_kernel(q_ptr, m_ptr, t_ptr, mt_ptr, lse_ptr, pos_t_ptr, pos_m_ptr,
                     N, S, D, n_row_blocks, n_chunks, n_units, S_CHUNK, scale,
                     stride_qn, stride_qd, stride_ml, stride_ms, stride_md,
@@ -76,7 +81,8 @@ def _nce_lse_kernel(q_ptr, m_ptr, t_ptr, mt_ptr, lse_ptr, pos_t_ptr, pos_m_ptr,
         s_valid = tl.where(slot_ok[None, :], s, float("-inf"))
         # every tile holds >= 1 valid slot, so new_max is finite and exp(-inf - new_max) = 0
         new_max = tl.maximum(run_max, tl.max(s_valid, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s_valid - new_max[:, None]), axis=1)
+        run_sum = (run_sum * exp_precise(run_max - new_max)
+                   + tl.sum(exp_precise(s_valid - new_max[:, None]), axis=1))
         run_max = new_max
         pos_off = rows[:, None] * S + slots[None, :]
         if any_t:
@@ -84,7 +90,7 @@ def _nce_lse_kernel(q_ptr, m_ptr, t_ptr, mt_ptr, lse_ptr, pos_t_ptr, pos_m_ptr,
         if HAS_MIX:
             if any_m:
                 tl.store(pos_m_ptr + pos_off, s, mask=is_m[:, None] & slot_ok[None, :])
-    tl.store(lse_ptr + rows * n_units + unit, run_max + tl.log(run_sum), mask=row_ok)
+    tl.store(lse_ptr + rows * n_units + unit, run_max + log_precise(run_sum), mask=row_ok)
 
 
 @triton.jit
@@ -92,7 +98,7 @@ def _neg_lse_update(run_max, run_sum, vals):
     """Online logsumexp over chunks; ``vals`` may be all -inf (no NaN: the shift is then 0)."""
     new_max = tl.maximum(run_max, tl.max(vals, axis=0))
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(vals - shift), axis=0)
+    run_sum = run_sum * exp_precise(run_max - shift) + tl.sum(exp_precise(vals - shift), axis=0)
     return new_max, run_sum
 
 
@@ -100,7 +106,7 @@ def _neg_lse_update(run_max, run_sum, vals):
 def _finish_lse(run_max, run_sum):
     """run_max + log(run_sum); -inf (not a log(0) of an empty set) when there was nothing."""
     empty = run_max == float("-inf")
-    return tl.where(empty, float("-inf"), run_max + tl.log(tl.where(empty, 1.0, run_sum)))
+    return tl.where(empty, float("-inf"), run_max + log_precise(tl.where(empty, 1.0, run_sum)))
 
 
 @triton.jit
@@ -116,16 +122,18 @@ def _positive_terms(pos_ptr, n, S, g, BLOCK_P: tl.constexpr):
         x = tl.where(ok, g - s, float("-inf"))       # -inf contributes 0 to both sums
         # softplus(x) = log(1 + e^x) without overflow, accurate for very negative x: Goldberg's
         # log1p(y) = log(u) * y / (u - 1) with u = 1 + y (u - 1 is exact), = y when u == 1
-        y = tl.exp(-tl.abs(x))
+        y = exp_precise(-tl.abs(x))
         u = 1.0 + y
-        log1p_y = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
+        log1p_y = tl.where(u == 1.0, y, log_precise(u) * tl.div_rn(y, tl.where(u == 1.0, 1.0, u - 1.0)))
         acc_sp += tl.maximum(x, 0.0) + log1p_y
         # sigmoid, 0 below -80 (where it is < 2e-35) so that exp never overflows to inf
-        acc_sg += tl.where(x < -80.0, 0.0, 1.0 / (1.0 + tl.exp(-tl.maximum(x, -80.0))))
-    return tl.sum(acc_sp, axis=0) / S, tl.sum(acc_sg, axis=0) / S
+        acc_sg += tl.where(x < -80.0, 0.0, tl.div_rn(tl.full([BLOCK_P], 1.0, tl.float32),
+                                                    1.0 + exp_precise(-tl.maximum(x, -80.0))))
+    s_count = tl.zeros([], dtype=tl.float32) + S   # (S may be a constexpr 1: no .to on it)
+    return tl.div_rn(tl.sum(acc_sp, axis=0), s_count), tl.div_rn(tl.sum(acc_sg, axis=0), s_count)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "n_chunks"])
 def _nce_row_kernel(lse_ptr, pos_t_ptr, pos_m_ptr, t_ptr, mt_ptr, w_ptr, loss_ptr, stats_ptr,
                     L, S, n_chunks, HAS_MIX: tl.constexpr,
                     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -149,7 +157,7 @@ def _nce_row_kernel(lse_ptr, pos_t_ptr, pos_m_ptr, t_ptr, mt_ptr, w_ptr, loss_pt
                         mask=ok[:, None] & (offs_c < n_chunks)[None, :], other=float("-inf"))
         pmax = tl.max(parts, axis=1)
         pshift = tl.where(pmax == float("-inf"), 0.0, pmax)
-        class_lse = _finish_lse(pmax, tl.sum(tl.exp(parts - pshift[:, None]), axis=1))  # -inf if !ok
+        class_lse = _finish_lse(pmax, tl.sum(exp_precise(parts - pshift[:, None]), axis=1))  # -inf if !ok
         max_t, sum_t = _neg_lse_update(max_t, sum_t, tl.where(cls != tgt, class_lse, float("-inf")))
         if HAS_MIX:
             max_m, sum_m = _neg_lse_update(max_m, sum_m, tl.where(cls != mix, class_lse, float("-inf")))
@@ -171,27 +179,66 @@ def _nce_row_kernel(lse_ptr, pos_t_ptr, pos_m_ptr, t_ptr, mt_ptr, w_ptr, loss_pt
     tl.store(stats_ptr + n * 4 + 3, a_m)
 
 
-_LSE_CONFIGS = [
-    triton.Config({"BLOCK_S": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_S": 64, "BLOCK_D": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_S": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_S": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_S": 128, "BLOCK_D": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_S": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),  # small S; safe fallback
-]
-# autotuned on GPU only; the key holds no N (it changes every step): BLOCK_N buckets it instead
-_nce_lse_kernel_tuned = triton.autotune(configs=_LSE_CONFIGS,
-                                        key=["BLOCK_N", "D", "S", "MODE", "HAS_MIX"])(_nce_lse_kernel)
+def _cfg(block_s, block_d, warps, stages):
+    return triton.Config({"BLOCK_S": block_s, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages,
+                         maxnreg=MAXNREG)
+
+
+# Launchable configs of the forward tile kernel per dot scheme (``nce_tile.dot_acc``), each checked by
+# the sm_90a compile check (no spills, shared memory within the limit; registers at BLOCK_N = 64,
+# D = 512, Triton 3.8).  The FIRST entry is the fixed rule's choice; the others are what
+# RCA_FAST_AUTOTUNE=1 times.  128-wide slot or D tiles spill whenever one side is fp32 (tf32x3 and the
+# bf16 split hold 2-3 copies of each operand tile); with both sides 16-bit they fit.
+LSE_CONFIGS = {
+    "native": [_cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 2)],
+    "split": [_cfg(64, 64, 8, 2), _cfg(64, 32, 8, 3), _cfg(32, 32, 4, 2)],
+    "f32x3": [_cfg(64, 32, 8, 3), _cfg(32, 32, 4, 2)],      # (32, 64, 8 warps) spilled 68 B at BLOCK_N 32
+}
 _INTERPRET_LSE_CONFIG = dict(BLOCK_S=16, BLOCK_D=32)  # small, and smaller than the test sizes
 
 
+def config_family(mode: int) -> str:
+    """The config list of a dot scheme: both operands 16-bit, a bf16 bank against a wider query
+    (split into bf16 parts), or tf32x3 (an fp32 / fp16 bank against another dtype)."""
+    if mode == DOT_NATIVE:
+        return "native"
+    return "split" if mode in (DOT_SPLIT_BF16, DOT_SPLIT2_BF16) else "f32x3"
+
+
+_tuned_lse: dict = {}
+
+
+def _lse_tuned(family: str):
+    """The autotuned forward kernel of one config family (RCA_FAST_AUTOTUNE=1 only); the key holds
+    no N (it changes every step): BLOCK_N buckets it instead."""
+    if family not in _tuned_lse:
+        _tuned_lse[family] = triton.autotune(configs=LSE_CONFIGS[family],
+                                             key=["BLOCK_N", "D", "S", "MODE", "HAS_MIX"])(_nce_lse_kernel)
+    return _tuned_lse[family]
+
+
+def lse_launch_config(mode: int) -> dict:
+    """The fixed rule: the first config of the scheme's list, whatever the shapes (it is spill-free
+    at every BLOCK_N; the slot chunking already adapts the grid to the shapes)."""
+    cfg = LSE_CONFIGS[config_family(mode)][0]
+    return dict(cfg.kwargs, **launch_options(cfg))
+
+
 # --------------------------------------------------------------------------------------- launcher
-def _fwd_block_n(N: int, interpret: bool) -> int:
+def fwd_block_n(N: int, interpret: bool) -> int:
     """Rows per program.  The bank is re-read (mostly from L2) once per row block, so large N wants
     large blocks, but 128 rows spill registers on sm_90 (ptxas -v of the sm_90 build): 64 at most."""
     if interpret:
         return 16
     return 16 if N <= 16 else 32 if N <= 32 else 64
+
+
+def row_kernel_blocks(L: int, n_chunks: int, interpret: bool) -> dict:
+    """Blocks of ``_nce_row_kernel``: classes per step (the parts of BLOCK_L classes are one
+    [BLOCK_L, BLOCK_C] tile of <= 4096 floats) and positive slots per step."""
+    n_chunk_pad = triton.next_power_of_2(n_chunks)
+    return dict(BLOCK_L=64 if interpret else max(16, min(triton.next_power_of_2(L), 4096 // n_chunk_pad)),
+                BLOCK_C=n_chunk_pad, BLOCK_P=16 if interpret else 256)
 
 
 def forward(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
@@ -211,30 +258,36 @@ def forward(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
         return row_loss, stats
     interpret = is_interpret()
     has_mix = mix_target is not None
-    block_n = _fwd_block_n(N, interpret)
+    block_n = fwd_block_n(N, interpret)
     n_row_blocks = cdiv(N, block_n)
     granule = S_GRANULE_INTERPRET if interpret else S_GRANULE_GPU
     s_chunk, n_chunks = split_units(S, L, n_row_blocks, target_programs(dev), granule)
     n_units = L * n_chunks
+    check_int32_offsets("bank_nce_loss", **{
+        "N * S (positive similarities)": N * S, "N * L * chunks (logsumexp parts)": N * n_units,
+        "the query's extent": (N - 1) * abs(query.stride(0)) + (D - 1) * abs(query.stride(1)),
+        "one class of the bank's extent": (S - 1) * abs(bank.stride(1)) + (D - 1) * abs(bank.stride(2))})
     lse = torch.empty(N, n_units, dtype=torch.float32, device=dev)
     pos_t = torch.empty(N, S, dtype=torch.float32, device=dev)
     pos_m = torch.empty(N, S, dtype=torch.float32, device=dev) if has_mix else pos_t
     mt = mix_target if has_mix else target
     w = mix_weight if has_mix else row_loss
-    kernel, config = ((_nce_lse_kernel, _INTERPRET_LSE_CONFIG) if interpret
-                      else (_nce_lse_kernel_tuned, {}))
-    n_chunk_pad = triton.next_power_of_2(n_chunks)
+    mode = dot_mode(query.dtype, bank.dtype)
+    if interpret:
+        kernel, config = _nce_lse_kernel, _INTERPRET_LSE_CONFIG
+    elif autotune_requested():
+        kernel, config = _lse_tuned(config_family(mode)), {}
+    else:
+        kernel, config = _nce_lse_kernel, lse_launch_config(mode)
     with launch_device(dev):
         kernel[(n_row_blocks * n_units,)](
             query, bank, target, mt, lse, pos_t, pos_m,
             N, S, D, n_row_blocks, n_chunks, n_units, s_chunk, 1.0 / temperature,
             query.stride(0), query.stride(1), bank.stride(0), bank.stride(1), bank.stride(2),
-            HAS_MIX=has_mix, MODE=dot_mode(query.dtype, bank.dtype), INTERPRET=interpret,
-            BLOCK_N=block_n, **config)
+            HAS_MIX=has_mix, MODE=mode, INTERPRET=interpret, BLOCK_N=block_n, **config)
         _nce_row_kernel[(N,)](
             lse, pos_t, pos_m, target, mt, w, row_loss, stats, L, S, n_chunks, HAS_MIX=has_mix,
-            BLOCK_L=64 if interpret else max(16, min(triton.next_power_of_2(L), 4096 // n_chunk_pad)),
-            BLOCK_C=n_chunk_pad, BLOCK_P=16 if interpret else 256)
+            **row_kernel_blocks(L, n_chunks, interpret))
     return row_loss, stats
 
 

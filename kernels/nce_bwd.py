@@ -27,9 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .nce_tile import (NORM_EPS, S_GRANULE_GPU, S_GRANULE_INTERPRET, cdiv, dot_acc, dot_mode,
-                       is_interpret, launch_device, row_inv_norms, sim_tile, split_units,
-                       target_programs)
+from .launch_rule import MAXNREG, autotune_requested, launch_options
+from .nce_tile import (DOT_F32X3, NORM_EPS, S_GRANULE_GPU, S_GRANULE_INTERPRET, cdiv, check_int32_offsets,
+                       dot_acc, dot_mode, is_interpret, launch_device, row_inv_norms, sim_tile,
+                       split_units, target_programs)
+from .precise_math import exp_precise
 
 
 @triton.jit
@@ -40,12 +42,15 @@ def _class_term(delta, s, cls, row_cls, g_c, pos_coef, neg_coef):
     # a negative's s is <= G_c (a term of its logsumexp): the clamp only removes rounding, and the
     # inf of G_c = -inf (L == 1, then every slot is positive) from the branch that is not taken
     x = g_c[:, None] - s
-    pos_sigmoid = tl.where(x < -80.0, 0.0, 1.0 / (1.0 + tl.exp(-tl.maximum(x, -80.0))))
+    pos_sigmoid = tl.where(x < -80.0, 0.0, tl.div_rn(tl.full(x.shape, 1.0, tl.float32),
+                                                     1.0 + exp_precise(-tl.maximum(x, -80.0))))
     return delta + tl.where(positive, -pos_coef[:, None] * pos_sigmoid,
-                            neg_coef[:, None] * tl.exp(tl.minimum(s - g_c[:, None], 0.0)))
+                            neg_coef[:, None] * exp_precise(tl.minimum(s - g_c[:, None], 0.0)))
 
 
-@triton.jit
+# N (changes every step) and the grid bookkeeping are not specialised on: see nce.py
+@triton.jit(do_not_specialize=["N", "S", "n_row_blocks", "n_dv_blocks", "n_chunks", "n_units",
+                               "units_per_split"])
 def _nce_bwd_kernel(q_ptr, m_ptr, t_ptr, mt_ptr, w_ptr, stats_ptr, g_ptr, v_part_ptr, c_part_ptr,
                     N, S, D, n_row_blocks, n_dv_blocks, n_chunks, n_units, units_per_split,
                     S_CHUNK, scale,
@@ -70,12 +75,13 @@ def _nce_bwd_kernel(q_ptr, m_ptr, t_ptr, mt_ptr, w_ptr, stats_ptr, g_ptr, v_part
         w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
     g_t = tl.load(stats_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
-    pos_coef_t = g * w / S
+    s_count = tl.zeros([], dtype=tl.float32) + S   # (S may be a constexpr 1: no .to on it)
+    pos_coef_t = tl.div_rn(g * w, s_count)
     neg_coef_t = g * w * tl.load(stats_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
     if HAS_MIX:
         mix = tl.load(mt_ptr + rows, mask=row_ok, other=-1)
         g_m = tl.load(stats_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
-        pos_coef_m = g * (1.0 - w) / S
+        pos_coef_m = tl.div_rn(g * (1.0 - w), s_count)
         neg_coef_m = g * (1.0 - w) * tl.load(stats_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
 
     cols = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -112,15 +118,51 @@ def _nce_bwd_kernel(q_ptr, m_ptr, t_ptr, mt_ptr, w_ptr, stats_ptr, g_ptr, v_part
         tl.store(c_part_ptr + out_rows, c_acc, mask=row_ok)
 
 
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_S": 64, "BLOCK_D": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_S": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_S": 64, "BLOCK_D": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_S": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),  # small S; safe fallback
-]
-_nce_bwd_kernel_tuned = triton.autotune(
-    configs=_BWD_CONFIGS, key=["BLOCK_N", "BLOCK_DV", "D", "S", "MODE", "VMODE", "HAS_MIX"])(_nce_bwd_kernel)
+def _cfg(block_s, block_d, warps, stages):
+    return triton.Config({"BLOCK_S": block_s, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages,
+                         maxnreg=MAXNREG)
+
+
+# Launchable configs per family, checked by the sm_90a compile check (no spills at BLOCK_N = 64,
+# D = 512).  The family is the scheme of the ``delta @ m`` dot (VMODE): against a bf16 bank the fp32
+# delta is split into bf16 parts ("split", 128 output columns a program); against an fp32 or fp16
+# bank it is tf32x3 ("f32x3"), whose three operand copies and [BLOCK_N, BLOCK_DV] fp32 accumulator
+# only fit with 64 output columns and 32-wide tiles (every wider tile spilled 56-2,560 B).
+# The FIRST entry is the fixed rule's choice; RCA_FAST_AUTOTUNE=1 times them all.
+BWD_CONFIGS = {
+    "split": [_cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2), _cfg(64, 32, 8, 2)],
+    "f32x3": [_cfg(32, 32, 8, 2), _cfg(32, 32, 8, 3)],
+}
+BWD_BLOCK_DV = {"split": 128, "f32x3": 64}
 _INTERPRET_BWD_CONFIG = dict(BLOCK_S=16, BLOCK_D=32)
+_tuned_bwd: dict = {}
+
+
+def bwd_family(bank_dtype: torch.dtype) -> str:
+    return "f32x3" if dot_mode(torch.float32, bank_dtype) == DOT_F32X3 else "split"
+
+
+def _bwd_tuned(family: str):
+    if family not in _tuned_bwd:
+        _tuned_bwd[family] = triton.autotune(
+            configs=BWD_CONFIGS[family],
+            key=["BLOCK_N", "BLOCK_DV", "D", "S", "MODE", "VMODE", "HAS_MIX"])(_nce_bwd_kernel)
+    return _tuned_bwd[family]
+
+
+def bwd_blocks(N: int, D: int, bank_dtype: torch.dtype, interpret: bool):
+    """(BLOCK_N, BLOCK_DV): rows per program and output columns per program (the similarity tiles
+    are recomputed once per column block)."""
+    if interpret:
+        return 16, 32
+    block_n = 16 if N <= 16 else 32 if N <= 32 else 64
+    return block_n, min(BWD_BLOCK_DV[bwd_family(bank_dtype)], max(16, triton.next_power_of_2(D)))
+
+
+def bwd_launch_config(bank_dtype: torch.dtype) -> dict:
+    """The fixed rule: the first config of the bank dtype's family, whatever the shapes."""
+    cfg = BWD_CONFIGS[bwd_family(bank_dtype)][0]
+    return dict(cfg.kwargs, **launch_options(cfg))
 
 
 def backward(grad_rows: torch.Tensor, query: torch.Tensor, bank: torch.Tensor,
@@ -135,10 +177,7 @@ def backward(grad_rows: torch.Tensor, query: torch.Tensor, bank: torch.Tensor,
         return torch.zeros_like(query, memory_format=torch.contiguous_format)
     interpret = is_interpret()
     has_mix = mix_target is not None
-    block_n = 16 if interpret or N <= 16 else 32 if N <= 32 else 64
-    # the output columns held by one program: the similarity tiles are recomputed once per block
-    # (128 keeps the [64, 128] fp32 accumulator free of register spills on sm_90; 256 spills)
-    block_dv = 32 if interpret else min(128, max(16, triton.next_power_of_2(D)))
+    block_n, block_dv = bwd_blocks(N, D, bank.dtype, interpret)
     n_row_blocks, n_dv_blocks = cdiv(N, block_n), cdiv(D, block_dv)
     outer = n_row_blocks * n_dv_blocks
     wanted = target_programs(dev)
@@ -147,11 +186,19 @@ def backward(grad_rows: torch.Tensor, query: torch.Tensor, bank: torch.Tensor,
     n_units = L * n_chunks
     units_per_split = cdiv(n_units, max(1, min(n_units, cdiv(wanted, outer))))
     n_splits = cdiv(n_units, units_per_split)
+    check_int32_offsets("bank_nce_loss (backward)", **{
+        "splits * N * D (partial gradients)": n_splits * N * D,
+        "the query's extent": (N - 1) * abs(query.stride(0)) + (D - 1) * abs(query.stride(1)),
+        "one class of the bank's extent": (S - 1) * abs(bank.stride(1)) + (D - 1) * abs(bank.stride(2))})
     v_part = torch.empty(n_splits, N, D, dtype=torch.float32, device=dev)
     c_part = torch.empty(n_splits, N, dtype=torch.float32, device=dev)
     g = grad_rows.to(torch.float32).contiguous()
-    kernel, config = ((_nce_bwd_kernel, _INTERPRET_BWD_CONFIG) if interpret
-                      else (_nce_bwd_kernel_tuned, {}))
+    if interpret:
+        kernel, config = _nce_bwd_kernel, _INTERPRET_BWD_CONFIG
+    elif autotune_requested():
+        kernel, config = _bwd_tuned(bwd_family(bank.dtype)), {}
+    else:
+        kernel, config = _nce_bwd_kernel, bwd_launch_config(bank.dtype)
     with launch_device(dev):
         kernel[(outer * n_splits,)](
             query, bank, target, mix_target if has_mix else target,

@@ -78,7 +78,8 @@ def row_inv_norms(q_ptr, stride_qn, stride_qd, rows, row_ok, D,
         q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
                     mask=row_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
         sq += tl.sum(q * q, axis=1)
-    return 1.0 / tl.maximum(tl.sqrt(sq), _EPS)
+    # correctly rounded sqrt and division (see precise_math.py: the compiled defaults are approximate)
+    return tl.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq), _EPS))
 
 
 @triton.jit
@@ -105,7 +106,7 @@ def sim_tile(q_ptr, stride_qn, stride_qd, rows, row_ok, inv_q,
         m32 = m.to(tl.float32)
         sq += tl.sum(m32 * m32, axis=1)
         acc = dot_acc(q, tl.trans(m), acc, MODE, INTERPRET)
-    inv_m = 1.0 / tl.maximum(tl.sqrt(sq), _EPS)
+    inv_m = tl.div_rn(tl.full([BLOCK_S], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq), _EPS))
     s = acc * (inv_q * scale)[:, None] * inv_m[None, :]
     return s, inv_m
 
@@ -149,6 +150,16 @@ def split_units(S: int, L: int, outer: int, target: int, granule: int):
         n_chunks = max(1, min(cdiv(target, outer * L), cdiv(S, granule)))
     s_chunk = cdiv(cdiv(S, n_chunks), granule) * granule
     return s_chunk, cdiv(S, s_chunk)
+
+
+def check_int32_offsets(op: str, **extents: int) -> None:
+    """The NCE kernels index their buffers with int32 offsets (cheaper in registers than int64 ones);
+    raise a ValueError naming the extent before one of them could wrap (2**31 elements)."""
+    for name, extent in extents.items():
+        if extent >= 2 ** 31:
+            raise ValueError(f"{op}: the Triton NCE kernels index with int32 offsets, but {name} = {extent} "
+                             f"elements reaches 2**31; use the torch backend (RCA_FAST_BACKEND=torch) "
+                             f"or fewer rows per call")
 
 
 def launch_device(device: torch.device):

@@ -199,7 +199,7 @@ def _gpu_candidates():
     for fp64 in (False, True):
         for slots in (4, 8):
             out += [("fwd", slots, fp64, c) for c in kmap._fwd_configs(slots, fp64)]
-        out += [("bwd", 4, fp64, c) for c in kmap._bwd_configs(fp64)]
+        out += [("bwd", slots, fp64, c) for slots in (4, 8) for c in kmap._bwd_configs(fp64, slots)]
     return out
 
 

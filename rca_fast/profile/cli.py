@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--no-trace", action="store_true", help="do not write trace.json")
     step.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                       help="progress bar on stderr (auto: when it is a terminal)")
+    from . import compile_mode
+    compile_mode.add_parser(sub, fmt)   # ``compile``: the offline sm_90a compile check
     return parser
 
 
@@ -189,6 +191,11 @@ def main(argv: Optional[List[str]] = None):
     quiet_cuda_home_notice()   # a CPU machine with a CUDA toolkit: a notice that says nothing here
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.mode == "compile":
+        if rest:
+            parser.error(f"unrecognized arguments for compile: {' '.join(rest)}")
+        from . import compile_mode
+        raise SystemExit(compile_mode.run(args))
     if args.mode == "ops":
         if rest:
             parser.error(f"unrecognized arguments for ops: {' '.join(rest)}")

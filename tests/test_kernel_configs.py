@@ -1,0 +1,117 @@
+"""The determinism rule of the Triton kernels (kernels/launch_rule.py): a launch's config is a pure
+function of shapes and dtypes (the same in every process), autotuning only under
+RCA_FAST_AUTOTUNE=1, and the offline compile check covers every config the rule can pick.
+
+No GPU needed: the rule's functions are called directly, as the GPU launchers call them."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from rca_fast.kernels import attention, attention_bwd, compile_specs, launch_rule, nce, nce_bwd  # noqa: E402
+from rca_fast.kernels import map as kmap  # noqa: E402
+from rca_fast.kernels.nce_tile import dot_mode  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Prints every config the fixed rule picks for a grid of shapes and dtypes, as JSON.
+RULE_SCRIPT = r"""
+import json, torch
+from rca_fast.kernels import attention, attention_bwd, nce, nce_bwd, map as kmap
+from rca_fast.kernels.nce_tile import dot_mode
+dts = [torch.float32, torch.bfloat16, torch.float16]
+out = {}
+for q in dts:
+    for m in dts:
+        out[f"nce_fwd {q} {m}"] = nce.lse_launch_config(dot_mode(q, m))
+    out[f"nce_bwd {q}"] = nce_bwd.bwd_launch_config(q)
+    for N in (1, 17, 33, 512):
+        out[f"nce_bwd_blocks {q} {N}"] = nce_bwd.bwd_blocks(N, 512, q, False)
+        out[f"nce_block_n {N}"] = nce.fwd_block_n(N, False)
+    for P, D in ((1, 1), (37, 60), (200, 512), (800, 512)):
+        out[f"attn {q} {P} {D}"] = attention.fwd_launch_blocks(q, P, D, D)
+        out[f"attn_bwd {q} {P} {D}"] = attention_bwd.bwd_launch_blocks(q, P, D, D)
+for slots in (1, 4, 8):
+    c = kmap._fwd_configs(slots, False)[0]
+    out[f"map_fwd {slots}"] = [c.kwargs, c.num_warps]
+for slots in (1, 4, 8):
+    c = kmap._bwd_configs(False, slots)[0]
+    out[f"map_bwd {slots}"] = [c.kwargs, c.num_warps]
+print(json.dumps(out, sort_keys=True, default=str))
+"""
+
+
+def _rule_in_subprocess():
+    env = dict(os.environ)
+    env.pop("RCA_FAST_AUTOTUNE", None)
+    env["PYTHONHASHSEED"] = "random"       # set and dict orders differ between the two processes
+    proc = subprocess.run([sys.executable, "-c", RULE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_same_config_for_the_same_shapes_in_two_processes():
+    first, second = _rule_in_subprocess(), _rule_in_subprocess()
+    assert first == second
+    # and the same as in this process (the launchers call exactly these functions)
+    for q_name, q in DTYPES.items():
+        assert first[f"nce_bwd {q}"] == json.loads(json.dumps(nce_bwd.bwd_launch_config(q)))
+        assert first[f"attn {q} 200 512"] == json.loads(json.dumps(attention.fwd_launch_blocks(q, 200, 512, 512)))
+
+
+def test_autotune_only_on_request(monkeypatch):
+    monkeypatch.delenv(launch_rule.AUTOTUNE_ENV, raising=False)
+    assert not launch_rule.autotune_requested()
+    for value in ("0", "", "no"):
+        monkeypatch.setenv(launch_rule.AUTOTUNE_ENV, value)
+        assert not launch_rule.autotune_requested()
+    for value in ("1", "true", "ON"):
+        monkeypatch.setenv(launch_rule.AUTOTUNE_ENV, value)
+        assert launch_rule.autotune_requested()
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16", "mix"])
+@pytest.mark.parametrize("shape_name", ["voc", "one"])
+def test_compile_check_covers_every_config_the_rule_picks(mode, shape_name):
+    """The configs the launchers pick by default are among the compile check's launchable jobs."""
+    from rca_fast.profile.compile_mode import _shape
+    shape = _shape(shape_name)
+    jobs = compile_specs.jobs(shape, mode)
+    launched = {(j.kernel, tuple(sorted((k, v) for k, v in j.kwargs.items() if k.startswith("BLOCK")
+                                        or k in ("num_warps", "num_stages", "maxnreg", "UNROLL", "MEAN_HW"))))
+                for j in jobs if j.launchable}
+    q, m = (torch.float32, torch.bfloat16) if mode == "mix" else (DTYPES[mode], DTYPES[mode])
+    N, D, P = shape["Np"], shape["D"], shape["L"] * shape["K"]
+
+    def has(kernel, cfg):
+        want = tuple(sorted(cfg.items()))
+        return (kernel, want) in launched
+    fwd = dict(nce.lse_launch_config(dot_mode(q, m)), BLOCK_N=nce.fwd_block_n(N, False))
+    assert has("nce_lse", fwd)
+    block_n, block_dv = nce_bwd.bwd_blocks(N, D, m, False)
+    assert has("nce_bwd", dict(nce_bwd.bwd_launch_config(m), BLOCK_N=block_n, BLOCK_DV=block_dv))
+    if mode != "mix":
+        assert has("attn_fwd", attention.fwd_launch_blocks(q, P, D, D))
+        assert has("attn_bwd_scores", attention_bwd.bwd_launch_blocks(q, P, D, D)["scores"])
+        for has_labels in (True, False):
+            slots = kmap._slots(True, has_labels, shape["L"])
+            c = kmap._fwd_configs(slots, False)[0]
+            assert has("map_fwd", dict(c.kwargs, num_warps=c.num_warps, maxnreg=c.maxnreg))
+
+
+def test_no_launchable_config_list_holds_the_spilling_tiles():
+    """The tiles that spilled on sm_90a with an fp32 operand (issue 11) are gone from the lists an
+    fp32 launch can use: 128-wide NCE tiles and the 16-bit attention configs."""
+    for family in ("f32x3", "split"):
+        for cfg in nce.LSE_CONFIGS[family]:
+            assert cfg.kwargs["BLOCK_S"] <= 64 and cfg.kwargs["BLOCK_D"] <= 64
+    for cfg in nce_bwd.BWD_CONFIGS["f32x3"]:
+        assert cfg.kwargs["BLOCK_D"] <= 32
+    assert nce_bwd.BWD_BLOCK_DV["f32x3"] <= 64
+    assert attention.precision_family(torch.float32) == "fp32"
+    assert attention.precision_family(torch.bfloat16) == "16bit"
