@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -276,15 +277,28 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, help=f"default: {list(VARIANTS)}")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (each its own process, 1 thread)")
     p.add_argument("--work", default=None, help="run folders (default: runs/method_check[_TAG])")
     p.add_argument("--pretrained", default=os.path.join("runs", "pretrained", "tiny.pt"),
                    help="weights of the pretrained regime (made by rca_fast.pretrain when missing)")
+    p.add_argument("--define", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an extra variant, e.g. 'improved, no copy=--recipe improved --first-write ema' "
+                        "(then name it in --variants)")
     p.add_argument("--results", default=RESULTS, help="folder of the result files (default benchmarks/results)")
     p.add_argument("--one", nargs=3, metavar=("REGIME", "VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for definition in args.define:
+        name, sep, flags = definition.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--define must be NAME=FLAGS, got {definition!r}")
+        VARIANTS[name.strip()] = shlex.split(flags)
+    args.variants = args.variants or [v for v in VARIANTS if not any(v == d.partition("=")[0].strip()
+                                                                      for d in args.define)]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; known {list(VARIANTS)} (add one with --define)")
     work = args.work or os.path.join("runs", "method_check" + (f"_{args.tag}" if args.tag else ""))
     if args.one:
         regime, variant, seed = args.one[0], args.one[1].replace("_", " "), int(args.one[2])
@@ -302,7 +316,8 @@ def main(argv=None) -> dict:
         done = os.path.join(work, regime, slug(variant), f"seed{seed}", "result.json")
         if not os.path.isfile(done):
             cmd = [sys.executable, os.path.abspath(__file__), "--one", regime, slug(variant), str(seed),
-                   "--work", work, "--pretrained", args.pretrained, "--"] + extra
+                   "--work", work, "--pretrained", args.pretrained]
+            cmd += [f"--define={d}" for d in args.define] + ["--"] + extra
             log = done[:-len("result.json")] + "run.log"
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "w") as f:
