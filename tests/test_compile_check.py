@@ -4,6 +4,7 @@ A small subset runs here (the per-row NCE kernel at the size-1 shape, plus a pla
 to spill); CI runs the whole check.  The ptxas log parsers are checked on literal logs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -40,6 +41,8 @@ def test_parse_nvcc_log_one_row_per_kernel():
     rows = parse_nvcc_log(log, "ema.cu")
     assert [(r["registers"], r["spill_bytes"], r["shared_bytes"]) for r in rows] == [(40, 12, 2048), (32, 0, 0)]
     assert rows[0]["kernel"].startswith("ema.cu:") and rows[1]["kernel"] == "ema.cu:assign_kernel"
+    if shutil.which("c++filt"):              # demangled: void ema_kernel<float>(float*)
+        assert (rows[0]["kernel"], rows[0]["dtype"]) == ("ema.cu:ema_kernel", "fp32")
 
 
 def test_row_problems_flags_spills_shared_memory_and_failures():

@@ -140,16 +140,31 @@ def _demangle(name: str) -> str:
         return name
 
 
+_DTYPES = (("double", "fp64"), ("float", "fp32"), ("BFloat16", "bf16"), ("Half", "fp16"))
+
+
+def _kernel_name(demangled: str):
+    """(function name, dtype of its template arguments or "-") of a demangled kernel signature,
+    e.g. 'void rca_fast::(anonymous namespace)::ema_kernel<float>(float*, ...)' -> ('ema_kernel', 'fp32')."""
+    s = demangled.replace("(anonymous namespace)::", "")
+    s = s[5:] if s.startswith("void ") else s
+    m = re.match(r"([\w:]+)(<[^()]*>)?\(", s)
+    if not m:
+        return s.split("(")[0], "-"
+    template = m.group(2) or ""
+    found = sorted((template.find(t), d) for t, d in _DTYPES if t in template)   # the first type named
+    dtype = found[0][1] if found else "-"
+    return m.group(1).split("::")[-1], dtype
+
+
 def parse_nvcc_log(log: str, source: str) -> List[dict]:
     """Rows of an ``nvcc -Xptxas -v`` log: one per compiled kernel (function)."""
     rows, cur = [], None
     for line in log.splitlines():
         m = _FN.search(line)
         if m:
-            full = _demangle(m.group(1))
-            dtype = next((t for t in ("double", "float", "c10::BFloat16", "c10::Half") if t in full), "-")
-            cur = dict(kernel=f"{source}:{full.split('(')[0].split('<')[0]}", config="nvcc",
-                       dtype={"double": "fp64", "float": "fp32", "c10::BFloat16": "bf16", "c10::Half": "fp16"}.get(dtype, "-"),
+            name, dtype = _kernel_name(_demangle(m.group(1)))
+            cur = dict(kernel=f"{source}:{name}", config="nvcc", dtype=dtype,
                        shared_bytes=0, registers=None, spill_bytes=0, launchable=True, error=None)
             rows.append(cur)
             continue
@@ -175,7 +190,7 @@ def cuda_rows(repo: str, workers: int) -> List[dict]:
         print(f"compile check: no CUDA sources or no nvcc ({nvcc}): extension rows skipped", file=sys.stderr)
         return []
     try:
-        from torch.utils.cpp_extension import include_paths
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
         includes = [f"-I{p}" for p in include_paths()] + [f"-I{os.path.join(repo, 'csrc')}"]
     except Exception as exc:  # torch without its headers
         print(f"compile check: torch headers not found ({exc}): extension rows skipped", file=sys.stderr)
@@ -185,9 +200,10 @@ def cuda_rows(repo: str, workers: int) -> List[dict]:
 
     def one(src: str) -> List[dict]:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [nvcc, "-arch=sm_90", "-Xptxas", "-v", "-std=c++17", "-c", src, "-o", os.path.join(tmp, "x.o"),
-                   "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1", "--expt-relaxed-constexpr",
-                   *includes]
+            # the flags of the extension's build (csrc_build.py, torch.utils.cpp_extension)
+            cmd = [nvcc, "-arch=sm_90", "-Xptxas", "-v", "-std=c++20", "-O3", "-DRCA_FAST_WITH_CUDA", "-c", src,
+                   "-o", os.path.join(tmp, "x.o"), "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1",
+                   *COMMON_NVCC_FLAGS, *includes]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         name = os.path.basename(src)
         if proc.returncode != 0:
@@ -233,7 +249,7 @@ def run(args) -> int:
         shutil.rmtree(cache, ignore_errors=True)
     if not args.no_cuda and kernels is None:
         repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        rows += cuda_rows(repo, workers)
+        rows += _merge(cuda_rows(repo, workers))
     problems = [(r, row_problems(r, SM90_SHARED_LIMIT)) for r in rows]
     problems = [(r, p) for r, p in problems if p]
     print(table(rows))
