@@ -158,7 +158,7 @@ for name in ("step_eager", "step_amp", "step_compile"):
     p = os.path.join(out, name, "step.json")
     if os.path.exists(p):
         d = json.load(open(p))
-        ms = d.get("step_ms") or d.get("ms_per_step")
+        ms = next((r.get("ms") for r in d.get("split", []) if r.get("kind") == "total"), None)
         targets.append((f"VOC training step {name[5:]} (vgg16, batch 8, 368^2)", f"{fmt(ms, '.1f')} ms" if ms else "see step.json", None))
 lines = ["# GPU check summary", "", f"Budget {os.environ['BUDGET_S']} s. Steps (in order):", "",
          "| step | status | seconds | estimate |", "|---|---|---|---|"]
@@ -172,15 +172,30 @@ open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
 PYEOF
 }
 
-snapshot_results() {  # copy the benchmark rows recorded so far (benchmarks/results/*.json) under OUT
-  local f
-  for f in "$REPO"/benchmarks/results/bench_*.json; do
-    [ -e "$f" ] || continue
-    [ "$f" -nt "$OUT/.started" ] && cp "$f" "$OUT/results/"
-  done
+# The benchmarks append their rows to benchmarks/results/<bench>-<device>.json; the rows this run
+# added (past the counts noted at its start) are copied to OUT/results/ after every step.
+results_rows() {  # MODE=baseline: note the row counts; MODE=copy: copy the rows added since
+  MODE="$1" RESULTS="$REPO/benchmarks/results" OUT="$OUT" "$PY" - <<'PYEOF' || true
+import glob, json, os
+base_path = os.path.join(os.environ["OUT"], ".baseline.json")
+counts = {}
+for path in glob.glob(os.path.join(os.environ["RESULTS"], "bench_*.json")):
+    try:
+        counts[os.path.basename(path)] = json.load(open(path))
+    except (OSError, ValueError):
+        pass
+if os.environ["MODE"] == "baseline":
+    json.dump({k: len(v) for k, v in counts.items()}, open(base_path, "w"))
+else:
+    base = json.load(open(base_path))
+    for name, rows in counts.items():
+        new = rows[base.get(name, 0):]
+        if new:
+            json.dump(new, open(os.path.join(os.environ["OUT"], "results", name), "w"), indent=1)
+PYEOF
 }
 
-touch "$OUT/.started"
+results_rows baseline
 if [ "$HAS_GPU" = 1 ]; then STEPS=("${GPU_STEPS[@]}"); else STEPS=("${CPU_STEPS[@]}"); fi
 export OUT
 [ "$HAS_GPU" = 1 ] || ensure_importable
@@ -209,7 +224,7 @@ for line in "${STEPS[@]}"; do
   echo "[gpu_check] $name: $status" >&2
   printf "%s\t%s\t%s\t%s\n" "$name" "$status" "$(( $(date +%s) - t0 ))" "$est" >> "$OUT/steps.tsv"
   [ "$name" = build ] && ensure_importable
-  snapshot_results
+  results_rows copy
   summary
 done
 echo "[gpu_check] done in $(( $(date +%s) - START ))s; see $OUT/summary.md" >&2
