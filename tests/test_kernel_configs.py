@@ -115,3 +115,31 @@ def test_no_launchable_config_list_holds_the_spilling_tiles():
     assert nce_bwd.BWD_BLOCK_DV["f32x3"] <= 64
     assert attention.precision_family(torch.float32) == "fp32"
     assert attention.precision_family(torch.bfloat16) == "16bit"
+
+
+def test_nce_offsets_guarded_before_int32_wraps(monkeypatch, gen):
+    """The NCE kernels index with int32 offsets: the launchers check every extent first (forward
+    and backward) and raise a ValueError naming it at 2**31 elements."""
+    from rca_fast.kernels import nce_tile
+    with pytest.raises(ValueError, match=r"N \* S .* = 2147483648 elements reaches 2\*\*31"):
+        nce_tile.check_int32_offsets("bank_nce_loss", **{"N * S (positive similarities)": 2 ** 31})
+    nce_tile.check_int32_offsets("bank_nce_loss", **{"N * S": 2 ** 31 - 1})
+    seen = []
+
+    def record(op, **extents):
+        seen.append((op, extents))
+    monkeypatch.setattr(nce, "check_int32_offsets", record)
+    monkeypatch.setattr(nce_bwd, "check_int32_offsets", record)
+    N, L, S, D = 5, 3, 7, 9
+    query = torch.randn(N, D, generator=gen, dtype=torch.float64).float().requires_grad_(True)
+    bank = torch.randn(L, S, D, generator=gen, dtype=torch.float64).float()
+    target = torch.tensor([0, 1, 2, 1, 0])
+    loss, stats = nce.forward(query.detach(), bank, target, None, None, 0.07)
+    nce_bwd.backward(torch.ones(N), query.detach(), bank, target, None, None, stats, 0.07)
+    (fwd_op, fwd), (bwd_op, bwd) = seen
+    assert fwd_op == "bank_nce_loss" and bwd_op.startswith("bank_nce_loss")
+    assert fwd["N * S (positive similarities)"] == N * S
+    assert fwd["N * L * chunks (logsumexp parts)"] % (N * L) == 0
+    assert fwd["the query's extent"] == (N - 1) * D + D - 1
+    assert fwd["one class of the bank's extent"] == (S - 1) * D + D - 1
+    assert bwd["splits * N * D (partial gradients)"] % (N * D) == 0
