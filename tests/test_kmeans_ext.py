@@ -15,6 +15,7 @@ pytest.importorskip("rca_fast._C", reason="the extension rca_fast._C is not buil
 
 import oracles  # noqa: E402
 from oracles import blobs, numpy_seed  # noqa: E402
+from rca_fast import _ext  # noqa: E402,F401  (registers the fake kernels: the compile test alone failed without)
 from rca_fast import ops  # noqa: E402
 from rca_fast.ops import _dispatch  # noqa: E402
 
@@ -231,3 +232,9 @@ def test_torch_compile_traces_the_op(gen):
     want = torch.ops.rca_fast.kmeans(points, 3, 20, 1e-4, 7, False, 1)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+    # equal to eager, and a valid clustering by the float64 loop: nearest centroids, their inertia
+    dists, best = oracles.nearest_centroid(points, got[0])
+    for l in range(2):
+        chosen = [dists[l][s][int(got[1][l, s])] for s in range(31)]
+        assert all(c <= b + 1e-5 * max(max(r) for r in dists[l]) for c, b in zip(chosen, best[l]))
+        assert abs(float(got[2][l]) - sum(chosen)) <= 1e-4 * sum(chosen)
