@@ -275,6 +275,10 @@ def test_torch_compile_fullgraph(force_triton, gen):
     assert torch.equal(count, want_count)
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(f1.grad, f2.grad, rtol=1e-12, atol=1e-12)
+    # equal to eager, and right: the loss and counts from the float64 loop
+    loop_emb, loop_count = oracles.masked_average_pool(features, cams, labels)
+    assert torch.equal(count.cpu(), loop_count)
+    torch.testing.assert_close(loss.cpu(), (loop_emb * upstream.cpu()).sum(), rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------ GPU, full size
