@@ -33,7 +33,7 @@ INTERPRET_BWD_BLOCKS = dict(
 # precision family, checked by the sm_90a compile check (no spills, D = Dv = 512, P = 200).
 GPU_GRADS_BLOCKS = {
     "16bit": dict(BLOCK_M_Q=64, BLOCK_P_Q=64, BLOCK_N_Q=128, BLOCK_M_R=64, BLOCK_P_R=64, BLOCK_N_R=64,
-                  num_warps=4, num_stages=3, maxnreg=MAXNREG),
+                  num_warps=8, num_stages=3, maxnreg=MAXNREG),        # 80 registers (4 warps: 254)
     "fp32": dict(BLOCK_M_Q=64, BLOCK_P_Q=32, BLOCK_N_Q=64, BLOCK_M_R=32, BLOCK_P_R=32, BLOCK_N_R=64,
                  num_warps=4, num_stages=2, maxnreg=MAXNREG),
 }
@@ -194,7 +194,7 @@ def _cfg(m, p, d, dv, warps, stages):
 # dO once per program for P <= 256 (RCA: 200); IEEE fp32 dots need smaller tiles.
 SCORES_CONFIGS = {
     "16bit": [_cfg(64, 64, 64, 64, 4, 2), _cfg(64, 256, 64, 64, 8, 2)],
-    "fp32": [_cfg(64, 32, 32, 32, 4, 2), _cfg(32, 64, 32, 32, 8, 2)],
+    "fp32": [_cfg(32, 32, 32, 32, 8, 2), _cfg(32, 32, 16, 16, 4, 2)],     # 190 and 168 registers
 }
 SCORES_CAPS = {"BLOCK_P": "P", "BLOCK_D": "D", "BLOCK_DV": "DV"}
 _tuned_scores: dict = {}

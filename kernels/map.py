@@ -278,7 +278,7 @@ def _fwd_configs(slots: int, fp64: bool) -> list:
 def _bwd_configs(fp64: bool, slots: int = 4) -> list:
     """GPU candidates for the backward (one output tile a program; stores dominate).  With 8 classes
     a pass (no labels) the [16, 256] tile spilled 148-456 B (sm_90a): narrower tiles then."""
-    shapes = ((16, 256, 4), (16, 128, 4)) if slots <= 4 else ((8, 128, 4), (16, 128, 4))
+    shapes = ((16, 128, 4), (16, 256, 4)) if slots <= 4 else ((8, 128, 4), (16, 128, 4))
     if fp64:
         shapes = ((16, 128, 4), (8, 256, 4), (16, 256, 8))
     return [triton.Config(dict(BLOCK_D=d, BLOCK_HW=hw), num_warps=w, maxnreg=MAXNREG) for d, hw, w in shapes]

@@ -127,11 +127,12 @@ def _cfg(block_s, block_d, warps, stages):
 # D = 512).  The family is the scheme of the ``delta @ m`` dot (VMODE): against a bf16 bank the fp32
 # delta is split into bf16 parts ("split", 128 output columns a program); against an fp32 or fp16
 # bank it is tf32x3 ("f32x3"), whose three operand copies and [BLOCK_N, BLOCK_DV] fp32 accumulator
-# only fit with 64 output columns and 32-wide tiles (every wider tile spilled 56-2,560 B).
+# only fit with 64 output columns and narrow tiles (every wider tile spilled 56-2,560 B; 32x32 used
+# 254-255 registers, 16 slots x 32 columns 188).
 # The FIRST entry is the fixed rule's choice; RCA_FAST_AUTOTUNE=1 times them all.
 BWD_CONFIGS = {
     "split": [_cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2), _cfg(64, 32, 8, 2)],
-    "f32x3": [_cfg(32, 32, 8, 2), _cfg(32, 32, 8, 3)],
+    "f32x3": [_cfg(16, 32, 8, 2), _cfg(32, 16, 8, 2)],
 }
 BWD_BLOCK_DV = {"split": 128, "f32x3": 64}
 _INTERPRET_BWD_CONFIG = dict(BLOCK_S=16, BLOCK_D=32)
