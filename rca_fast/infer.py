@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per forward for same-size images (synthetic); real images go one by one")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = auto: the free cores)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, fixed by the machine)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
