@@ -147,3 +147,27 @@ def test_providers_are_loaded_once_and_failures_remembered(fresh_dispatch):
 def test_triton_is_not_chosen_for_cpu_tensors_unless_forced(fresh_dispatch):
     for op in ("masked_average_pool", "bank_nce_loss", "prototype_attention"):
         assert _dispatch.backend_for(op, torch.device("cpu")) == "torch"
+
+
+def test_first_call_inside_fullgraph_compile_loads_its_provider(fresh_dispatch, gen):
+    """An op whose provider has not been loaded yet, first called inside
+    torch.compile(fullgraph=True): the provider is imported while Dynamo traces (importlib is on
+    Dynamo's skip list, so loading it that way broke the graph).  The Triton provider (a
+    torch.library op, under the interpreter on CPU); checked against the float64 loop."""
+    import oracles
+
+    fresh_dispatch.setenv(_dispatch.ENV_VAR, "triton")
+
+    B, L, D, H, W = 2, 3, 5, 7, 6
+    features = torch.randn(B, D, H, W, generator=gen, dtype=torch.float64)
+    cams = torch.randn(B, L, H, W, generator=gen, dtype=torch.float64)
+    labels = torch.rand(B, L, generator=gen) > 0.3
+
+    def step(f, c, lab):
+        return ops.masked_average_pool(f, c, lab)
+
+    torch._dynamo.reset()
+    emb, count = torch.compile(step, fullgraph=True, backend="aot_eager")(features, cams, labels)
+    want_emb, want_count = oracles.masked_average_pool(features, cams, labels)
+    assert torch.equal(count, want_count)
+    torch.testing.assert_close(emb, want_emb, rtol=1e-12, atol=1e-12)
