@@ -135,8 +135,8 @@ def test_providers_are_loaded_once_and_failures_remembered(fresh_dispatch):
     assert _dispatch._load(spec) is None
     assert "ModuleNotFoundError" in _dispatch._load_errors[spec]
     imports = []
-    real_import = _dispatch.importlib.import_module
-    fresh_dispatch.setattr(_dispatch.importlib, "import_module",
+    real_import = _dispatch._import_provider
+    fresh_dispatch.setattr(_dispatch, "_import_provider",
                            lambda name: imports.append(name) or real_import(name))
     assert _dispatch._load(spec) is None
     first = _dispatch._load("rca_fast.ref.kmeans:kmeans")

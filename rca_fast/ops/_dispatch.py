@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from typing import Callable, Dict, Optional
 
@@ -58,26 +59,28 @@ def _import_provider(module_name: str):
     by statements: an op whose first call is inside ``torch.compile(fullgraph=True)`` then loads its
     provider during tracing instead of failing.  Other names (tests' stand-ins) go to importlib."""
     if module_name == "rca_fast.ref.map":
-        import rca_fast.ref.map as module
+        import rca_fast.ref.map  # noqa: F401
     elif module_name == "rca_fast.ref.nce":
-        import rca_fast.ref.nce as module
+        import rca_fast.ref.nce  # noqa: F401
     elif module_name == "rca_fast.ref.attention":
-        import rca_fast.ref.attention as module
+        import rca_fast.ref.attention  # noqa: F401
     elif module_name == "rca_fast.ref.ema":
-        import rca_fast.ref.ema as module
+        import rca_fast.ref.ema  # noqa: F401
     elif module_name == "rca_fast.ref.kmeans":
-        import rca_fast.ref.kmeans as module
+        import rca_fast.ref.kmeans  # noqa: F401
     elif module_name == "rca_fast.kernels.map":
-        import rca_fast.kernels.map as module
+        import rca_fast.kernels.map  # noqa: F401
     elif module_name == "rca_fast.kernels.nce":
-        import rca_fast.kernels.nce as module
+        import rca_fast.kernels.nce  # noqa: F401
     elif module_name == "rca_fast.kernels.attention":
-        import rca_fast.kernels.attention as module
+        import rca_fast.kernels.attention  # noqa: F401
     elif module_name == "rca_fast._ext":
-        import rca_fast._ext as module
+        import rca_fast._ext  # noqa: F401
     else:
-        module = importlib.import_module(module_name)
-    return module
+        return importlib.import_module(module_name)
+    # not `import ... as module`: that reads the attribute, and rca_fast.ref.kmeans (say) is the
+    # function rca_fast.ref re-exports, not the submodule
+    return sys.modules[module_name]
 
 
 def _load(spec: str) -> Optional[Callable]:
