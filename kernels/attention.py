@@ -40,7 +40,8 @@ import triton.language as tl
 
 from .attention_bwd import attention_backward
 from .attention_tile import (INTERPRET, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc,
-                             fixed_launch, kernel_meta, on_device, scale_scores, split_scale)
+                             fixed_launch, kernel_meta, on_device, precision_family, scale_scores,
+                             split_scale)
 from .launch_rule import MAXNREG, autotune_requested
 from .precise_math import div_precise, exp_precise, log_precise
 
@@ -122,11 +123,6 @@ FWD_CONFIGS = {
 }
 FWD_CAPS = {"BLOCK_DV": "DV", "BLOCK_D": "D", "BLOCK_P": "P"}
 _tuned_fwd: dict = {}
-
-
-def precision_family(dtype: torch.dtype) -> str:
-    """The config list of an input dtype (fp64 never reaches a compiled kernel: see the provider)."""
-    return "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
 
 
 def _fwd_tuned(family: str):

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .attention_tile import (INTERPRET, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc,
-                             fixed_launch, kernel_meta, num_sms, on_device, scale_scores, split_scale)
+                             fixed_launch, kernel_meta, num_sms, on_device, precision_family,
+                             scale_scores, split_scale)
 from .launch_rule import MAXNREG, autotune_requested
 from .precise_math import exp_precise
 
@@ -188,7 +189,7 @@ def _cfg(m, p, d, dv, warps, stages):
                          maxnreg=MAXNREG)
 
 
-# Launchable configs of the scores kernel per precision family (``attention.precision_family``),
+# Launchable configs of the scores kernel per precision family (``attention_tile.precision_family``),
 # checked by the sm_90a compile check.  The FIRST entry is the fixed rule's choice (blocks clamped
 # to the shapes); RCA_FAST_AUTOTUNE=1 times them all.  A P block of 256 reads each chunk of q and
 # dO once per program for P <= 256 (RCA: 200); IEEE fp32 dots need smaller tiles.
@@ -198,11 +199,6 @@ SCORES_CONFIGS = {
 }
 SCORES_CAPS = {"BLOCK_P": "P", "BLOCK_D": "D", "BLOCK_DV": "DV"}
 _tuned_scores: dict = {}
-
-
-def precision_family(dtype: torch.dtype) -> str:
-    """The config list of an input dtype (fp64 runs only in the interpreter; see attention.py)."""
-    return "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
 
 
 def _scores_tuned(family: str):

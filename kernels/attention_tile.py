@@ -24,6 +24,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def precision_family(dtype: torch.dtype) -> str:
+    """The config list of an input dtype: "16bit" (bf16/fp16 operands, tensor-core dots) or "fp32"
+    (IEEE fp32 dots need smaller tiles; fp64 never reaches a compiled kernel, only the interpreter)."""
+    return "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
 def tl_acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 

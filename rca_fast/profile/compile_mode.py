@@ -73,8 +73,12 @@ def triton_rows(shapes, modes, kernels: Optional[List[str]], workers: int, plant
     from rca_fast.kernels import compile_specs
     from rca_fast.kernels.offline_compile import compile_job, job_key
 
-    jobs = [j for name in shapes for mode in modes for j in compile_specs.jobs(_shape(name), mode)
-            if kernels is None or j.kernel in kernels]
+    every = [j for name in shapes for mode in modes for j in compile_specs.jobs(_shape(name), mode)]
+    known = sorted({j.kernel for j in every})
+    unknown = sorted(set(kernels or ()) - set(known))
+    if unknown:  # a filter that matches nothing would check nothing and pass
+        raise ValueError(f"compile check: --kernels {unknown} are not kernels; expected some of {known}")
+    jobs = [j for j in every if kernels is None or j.kernel in kernels]
     if plant:
         jobs.append(compile_specs.planted_spill_job())
     unique: Dict[str, object] = {}
