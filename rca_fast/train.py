@@ -409,6 +409,12 @@ class Trainer:
             # start computed (restored with the model).  Warm start: one fixed seed (the first fit).
             seed = self.args.seed if self.args.kmeans_warm_start else self.args.seed * 1000 + epoch
             self.model.refresh_prototypes(seed=seed, n_init=self.args.kmeans_n_init)
+            if getattr(self.args, "aggregation_zero_start", False) and epoch == self.args.aggregation_start_epoch:
+                # the first k-means prototypes replace the earlier context at once; with the
+                # aggregation's output conv zeroed the fused features do not jump, the context
+                # enters as that conv learns (measured: the jump knocked whole runs back)
+                with torch.no_grad():
+                    self.model.aggregation.out.weight.zero_()
         sums = {k: 0.0 for k in LOSS_KEYS}
         rows, count, start = 0, 0, time.time()
         self.epoch, self.epoch_done, self.batch_in_epoch = epoch, False, skip

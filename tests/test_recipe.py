@@ -152,3 +152,21 @@ def test_recipe_defaults_and_explicit_flags_win():
     assert parse_args(["--kmeans-warm-start"]).kmeans_warm_start is True
     with pytest.raises(ValueError, match="--aggregation-start-epoch"):
         parse_args(["--aggregation-start-epoch", "0"])
+
+
+def test_aggregation_zero_start_zeroes_the_output_conv_once(tmp_path, monkeypatch):
+    """--aggregation-zero-start: the aggregation's output conv is zero when the start epoch's first
+    step runs (and only then: later epochs keep what it learned)."""
+    args = parse_args(SYN + ["--epoch", "3", "--aggregation-start-epoch", "2", "--aggregation-zero-start",
+                             "--out", str(tmp_path)])
+    trainer = Trainer(args)
+    first_step = {}
+    step = trainer.train_step
+
+    def spy(batch, epoch):
+        first_step.setdefault(epoch, trainer.model.aggregation.out.weight.detach().clone())
+        return step(batch, epoch)
+    monkeypatch.setattr(trainer, "train_step", spy)
+    trainer.fit()
+    assert bool(first_step[1].abs().sum() > 0) and bool((first_step[2] == 0).all())
+    assert bool(first_step[3].abs().sum() > 0)

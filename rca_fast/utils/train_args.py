@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--kmeans-warm-start", dest="kmeans_warm_start", action="store_const", const=True,
                       default=None, help="k-means after the first from the previous prototypes (Lloyd), "
                                          "first one with the fixed seed --seed")
+    ours.add_argument("--aggregation-zero-start", action="store_true",
+                      help="zero the aggregation's output conv (the public 'aggre') at --aggregation-start-epoch, "
+                           "so the switch to k-means prototypes does not change the fused features at once")
     ours.add_argument("--no-kmeans-warm-start", dest="kmeans_warm_start", action="store_const", const=False,
                       help="a fresh k-means (new seed) at every refresh, also under --recipe improved")
     ours.add_argument("--kmeans-n-init", type=int, default=10,
