@@ -148,6 +148,7 @@ def test_recipe_defaults_and_explicit_flags_win():
     assert improved.first_write == "ema" and improved.attention_scale == "learned"
     assert improved.prototype_init == RECIPES["improved"]["prototype_init"]
     assert improved.kmeans_warm_start is True
+    assert improved.aggregation_zero_start is True and public.aggregation_zero_start is False
     assert parse_args(["--recipe", "improved", "--no-kmeans-warm-start"]).kmeans_warm_start is False
     assert parse_args(["--kmeans-warm-start"]).kmeans_warm_start is True
     with pytest.raises(ValueError, match="--aggregation-start-epoch"):

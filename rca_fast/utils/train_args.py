@@ -33,12 +33,13 @@ DATASET_DEFAULTS = {
 # --recipe: values of the recipe flags left unset.  "public" reproduces the public code; "improved"
 # holds the aggregation until the bank holds data (constant context from zero prototypes before
 # --aggregation-start-epoch), copies a slot's first write, and warm-starts k-means from the
-# previous prototypes (fixed seed) -- measured in benchmarks/results/method_check*.md.
+# previous prototypes (fixed seed), and zeroes the aggregation's output conv when the k-means
+# prototypes take over (--aggregation-zero-start) -- measured in benchmarks/results/method_check*.md.
 RECIPES = {
     "public": dict(attention_scale="sqrt", prototype_init="randn", aggregation_start_epoch=2, first_write="ema",
-                   kmeans_warm_start=False),
+                   kmeans_warm_start=False, aggregation_zero_start=False),
     "improved": dict(attention_scale="sqrt", prototype_init="zeros", aggregation_start_epoch=4, first_write="copy",
-                     kmeans_warm_start=True),
+                     kmeans_warm_start=True, aggregation_zero_start=True),
 }
 
 # --bank-dtype spellings -> the dtype name stored in checkpoints
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--recipe", choices=sorted(RECIPES), default="public",
                       help="defaults of the recipe flags below: public (what the public code computes) or "
                            "improved (aggregation held until the bank holds data, first write copies, "
-                           "k-means warm start); a recipe flag given explicitly wins")
+                           "k-means warm start, output conv zeroed at the switch); a recipe flag given "
+                           "explicitly wins")
     ours.add_argument("--attention-scale", choices=("sqrt", "one", "learned"), default=None,
                       help="softmax aggregation temperature: 1/sqrt(D) (default), 1 (the paper's formula) or "
                            "a learned scalar")
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--kmeans-warm-start", dest="kmeans_warm_start", action="store_const", const=True,
                       default=None, help="k-means after the first from the previous prototypes (Lloyd), "
                                          "first one with the fixed seed --seed")
-    ours.add_argument("--aggregation-zero-start", action="store_true",
+    ours.add_argument("--aggregation-zero-start", action="store_const", const=True, default=None,
                       help="zero the aggregation's output conv (the public 'aggre') at --aggregation-start-epoch, "
                            "so the switch to k-means prototypes does not change the fused features at once")
     ours.add_argument("--no-kmeans-warm-start", dest="kmeans_warm_start", action="store_const", const=False,
