@@ -9,7 +9,9 @@ the shared layers):
 
     baseline         --no-contrast --no-aggregation
     public RCA       --recipe public       (what the public code computes)
-    improved RCA     --recipe improved
+    improved RCA     --recipe improved     (the committed method_check.md ran the first improved
+                                           recipe, before --aggregation-zero-start joined it; the
+                                           current recipe's runs: method_check_zero_start.md)
     contrast only    --no-aggregation      (public recipe)
     aggregation only --no-contrast         (public recipe)
 
