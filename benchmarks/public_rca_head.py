@@ -34,13 +34,14 @@ def _nce_public(sims: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def public_rca_head(features: torch.Tensor, query_features: torch.Tensor, cams: torch.Tensor,
-                    coarse_logits: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, *,
+                    score_logits: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, *,
                     temperature: float = 0.07, alpha: float = 8.0, rng: random.Random
                     ) -> Tuple[torch.Tensor, List[Tuple[int, torch.Tensor, float]]]:
     """Contrast loss (scalar, differentiable w.r.t. ``query_features``) and the bank rows.
 
     Args: features (B, D, H, W) backbone features; query_features (B, D, H, W) projector features;
-    cams (B, L, H, W) coarse CAMs; coarse_logits (B, L); labels (B, L) 0/1; bank (L, S, D);
+    cams (B, L, H, W) coarse CAMs; score_logits (B, L): the logits whose sigmoid gates
+    the bank write (the public code passes its final head's, GAP of O); labels (B, L) 0/1; bank (L, S, D);
     rng: Python random generator for the mixup draws.
     Returns: (loss, [(class, bank row (D,), score)]).
     """
@@ -59,7 +60,7 @@ def public_rca_head(features: torch.Tensor, query_features: torch.Tensor, cams: 
             query = (query_features[b] * mask).sum(dim=(1, 2)) / n
             emb = (features[b].detach() * mask).sum(dim=(1, 2)) / n
             regions[b].append((l, query))
-            rows.append((l, emb, float(torch.sigmoid(coarse_logits[b, l]))))
+            rows.append((l, emb, float(torch.sigmoid(score_logits[b, l]))))
     bank_n = F.normalize(bank.reshape(-1, bank.shape[-1]).float(), dim=1)
     images_with_regions = [b for b in range(B) if regions[b]]
     loss = query_features.new_zeros(())
