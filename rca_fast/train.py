@@ -341,7 +341,14 @@ class Trainer:
     # ---- training ----
     def compute_loss(self, batch: Dict, epoch: int):
         images = batch["image"].to(self.device, non_blocking=True)
-        labels = batch["label"].to(self.device, non_blocking=True).float()
+        tags = batch["label"]
+        # 0/1 checked here on the loader's host tensor: RCAModel checks non-bool labels itself, which
+        # reads them back from the device (a host sync per step); it gets them as bool instead
+        if not bool(((tags == 0) | (tags == 1)).all()):
+            raise ValueError(f"batch labels must be 0/1 multi-hot, got values {sorted(set(tags.flatten().tolist()))}")
+        labels = tags.to(self.device, non_blocking=True).float()
+        # without contrast and aggregation no bank row is used: no labels, no region pooling
+        present = (labels != 0) if self.uses_bank else None
         if self.world > 1 and self.args.contrast:
             # Under DDP, a contrast loss that is computed but not yet in the total (before
             # --contrast-start-epoch) is an output whose parameters (the projector) never get a
@@ -349,7 +356,7 @@ class Trainer:
             # shows contrast 0; single-process runs still report it).
             self.model.contrast = epoch >= self.args.contrast_start_epoch
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.args.amp)):
-            out = self.forward_model(images, labels)
+            out = self.forward_model(images, present)
         # the loss terms in fp32 (autocast leaves bf16 logits)
         out.logits, out.coarse_logits = out.logits.float(), out.coarse_logits.float()
         if out.contrast_loss is not None:

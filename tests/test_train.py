@@ -101,6 +101,35 @@ def test_contrast_starts_at_epoch_three_and_ablations(tmp_path):
     assert off.model.aggregation.mode == "none"
 
 
+def test_step_reads_no_labels_back_from_the_device(tmp_path, monkeypatch):
+    """The trainer checks the batch's 0/1 tags on the loader's host tensor and hands the model bool
+    labels, so RCAModel's own value check (a read-back from the device: a host sync per step) does
+    not run; the baseline (no contrast, no aggregation) uses no bank row and gets no labels."""
+    from rca_fast.model import RCAModel
+    reads, given = [], []
+    check, to_bool = RCAModel._check_inputs, torch.Tensor.__bool__
+
+    def spy(self, images, labels):
+        given.append(None if labels is None else labels.dtype)
+        monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or to_bool(t))
+        try:
+            return check(self, images, labels)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "__bool__", to_bool)
+
+    monkeypatch.setattr(RCAModel, "_check_inputs", spy)
+    trainer = Trainer(parse_args(SYN + ["--out", str(tmp_path / "a")]))
+    batch = next(iter(trainer.batches(1)))
+    trainer.train_step(batch, 1)
+    assert given == [torch.bool] and not reads
+    base = Trainer(parse_args(SYN + ["--no-contrast", "--no-aggregation", "--out", str(tmp_path / "b")]))
+    base.train_step(batch, 1)
+    assert given[-1] is None
+    bad = dict(batch, label=batch["label"] * 0.5)
+    with pytest.raises(ValueError, match="0/1"):
+        trainer.train_step(bad, 1)
+
+
 def test_lr_schedule_follows_decay_points(tmp_path):
     args = parse_args(SYN + ["--epoch", "4", "--lr", "0.003", "--decay_points", "1,3", "--out", str(tmp_path)])
     trainer = Trainer(args)
