@@ -53,6 +53,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for flag in ("num_images", "num_classes", "epochs", "batch_size", "threads", "width"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.num_images < args.batch_size:  # full batches only: fewer images would train no step
+        raise ValueError(f"--num-images ({args.num_images}) must be >= --batch-size ({args.batch_size})")
     if args.image_size < 16:
         raise ValueError(f"--image-size must be >= 16, got {args.image_size}")
     if not args.lr > 0:

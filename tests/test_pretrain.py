@@ -57,3 +57,5 @@ def test_train_keeps_the_pretrained_backbone_and_he_inits_the_new_layers(weights
         pretrain_main(["--epochs", "1"])  # --out is required
     with pytest.raises(ValueError, match="--epochs"):
         pretrain_main(["--out", str(tmp_path / "x.pt"), "--epochs", "0"])
+    with pytest.raises(ValueError, match="--num-images"):  # no full batch: was a ZeroDivisionError
+        pretrain_main(["--out", str(tmp_path / "x.pt"), "--num-images", "4", "--batch-size", "8"])
