@@ -255,6 +255,10 @@ class Trainer:
         self.seconds = float(state.get("seconds", 0.0))
         if self.att_maps is not None and state.get("att_maps"):
             self.att_maps.load_state_dict(state["att_maps"])
+        elif self.att_maps is not None and self.epoch >= self.att_maps.start_epoch:
+            self.log.warning(f"--att_dir: {path} was trained without --att_dir through epoch {self.epoch}: the "
+                             f"maps hold only the epochs from here on, not the maximum since epoch "
+                             f"{self.att_maps.start_epoch}")
         self.last_saved_step = self.step
         per_rank = state.get("rng_per_rank") or []
         if len(per_rank) == self.world:

@@ -155,6 +155,20 @@ def test_tiny_run_writes_public_maps_and_resume_continues(tmp_path, monkeypatch)
         np.testing.assert_array_equal(got_b[name], got[name], err_msg=name)
 
 
+def test_resume_without_maps_in_the_checkpoint_warns(tmp_path):
+    """A run resumed with --att_dir from a checkpoint trained without it past the first
+    accumulating epoch cannot hold the public maximum: the log says so (it was silent)."""
+    out = str(tmp_path / "r")
+    main(TINY + ["--epoch", "3", "--out", out, "--max-steps", "4"])          # epochs 1-2, no --att_dir
+    main(TINY + ["--epoch", "3", "--out", out, "--att_dir", str(tmp_path / "att"), "--resume", "auto"])
+    log = open(os.path.join(out, "train.log")).read()
+    assert "trained without --att_dir through epoch 2" in log
+    out2 = str(tmp_path / "s")                                               # epoch 1 only: nothing lost
+    main(TINY + ["--epoch", "2", "--out", out2, "--max-steps", "2"])
+    main(TINY + ["--epoch", "2", "--out", out2, "--att_dir", str(tmp_path / "att2"), "--resume", "auto"])
+    assert "without --att_dir" not in open(os.path.join(out2, "train.log")).read()
+
+
 def test_voc_train_crops_land_on_their_image(gen):
     """TrainTransform's random scale, flip and crop, undone through its view: a bright blob's map
     lands in the image-grid cell of the blob, whatever crop the image got (fresh draws)."""
