@@ -162,6 +162,41 @@ def test_aggregation_against_pixel_loop(mode, gen):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("attention_scale", ["one", "learned"])
+def test_attention_scale_against_pixel_loop(attention_scale, gen):
+    """softmax(scale * q k^T) v with scale 1 (the paper's formula) or the learned exp(log_scale)
+    (set off its 1/sqrt(D) start here), which also gets a gradient."""
+    L, K, D, h, w = 2, 3, 8, 3, 5
+    agg = PrototypeAggregation(D, "softmax", attention_scale).double()
+    scale = 1.0
+    if attention_scale == "learned":
+        scale = float(torch.empty(()).uniform_(0.05, 0.9, generator=gen))
+        with torch.no_grad():
+            agg.log_scale.fill_(math.log(scale))
+    feats = torch.randn(2, D, h, w, generator=gen, dtype=torch.float64)
+    protos = torch.randn(L, K, D, generator=gen, dtype=torch.float64)
+    got = agg(feats, protos)
+    if attention_scale == "learned":
+        got.sum().backward()
+        assert float(agg.log_scale.grad.abs()) > 0
+    with torch.no_grad():
+        P = L * K
+        keys = [agg.key.weight @ protos.reshape(P, D)[p] + agg.key.bias for p in range(P)]
+        values = [agg.value.weight @ protos.reshape(P, D)[p] + agg.value.bias for p in range(P)]
+        want = torch.empty_like(feats)
+        for b in range(2):
+            for i in range(h):
+                for j in range(w):
+                    f = feats[b, :, i, j]
+                    q = agg.query.weight[:, :, 0, 0] @ f + agg.query.bias
+                    scores = [scale * float(q @ k) for k in keys]
+                    e = [math.exp(v - max(scores)) for v in scores]
+                    ctx = sum((v / sum(e)) * val for v, val in zip(e, values))
+                    o = agg.out.weight[:, :, 0, 0] @ ctx + agg.out.bias
+                    want[b, :, i, j] = agg.fuse.weight[:, :, 0, 0] @ torch.cat([f, o]) + agg.fuse.bias
+    torch.testing.assert_close(got.detach(), want)
+
+
 def test_shared_vs_per_class_final_head(gen):
     per_class = RCAModel(4, backbone="tiny", bank_slots=4, prototypes=2)
     shared = RCAModel(4, backbone="tiny", bank_slots=4, prototypes=2, shared_final_head=True)
