@@ -150,6 +150,7 @@ def test_recipe_defaults_and_explicit_flags_win():
     assert improved.kmeans_warm_start is True
     assert improved.aggregation_zero_start is True and public.aggregation_zero_start is False
     assert parse_args(["--recipe", "improved", "--no-kmeans-warm-start"]).kmeans_warm_start is False
+    assert parse_args(["--recipe", "improved", "--no-aggregation-zero-start"]).aggregation_zero_start is False
     assert parse_args(["--kmeans-warm-start"]).kmeans_warm_start is True
     with pytest.raises(ValueError, match="--aggregation-start-epoch"):
         parse_args(["--aggregation-start-epoch", "0"])

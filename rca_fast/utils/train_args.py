@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "so the switch to k-means prototypes does not change the fused features at once")
     ours.add_argument("--no-kmeans-warm-start", dest="kmeans_warm_start", action="store_const", const=False,
                       help="a fresh k-means (new seed) at every refresh, also under --recipe improved")
+    ours.add_argument("--no-aggregation-zero-start", dest="aggregation_zero_start", action="store_const",
+                      const=False, help="keep the output conv at the switch, also under --recipe improved")
     ours.add_argument("--kmeans-n-init", type=int, default=10,
                       help="k-means restarts per refresh (10: scikit-learn's default in the public code's time)")
     ours.add_argument("--bank-slots", type=int, default=None, help="S per class (voc 500, synthetic 64)")
