@@ -7,10 +7,12 @@ specialisation -- divisible by 16, equal to 1 -- and the shape-derived constexpr
 the launch's).  ``python -m rca_fast.profile compile`` compiles them for sm_90a
 (``offline_compile.compile_job``).
 
-Precision modes: ``fp32``, ``bf16``, ``fp16`` (every float tensor of that dtype) and ``mix``: an
-fp32 query against a bf16 bank, the trainer's --amp/--bank-dtype bf16 case, which only the NCE has
-(its dot scheme changes with it; attention takes one dtype for all inputs, and MAP's CAM dtype only
-changes a load).  fp64 never reaches a compiled kernel
+Precision modes: ``fp32``, ``bf16``, ``fp16`` (every float tensor of that dtype), ``mix``: an
+fp32 query against a bf16 bank (the trainer's --bank-dtype bf16 without --amp), which only the NCE
+has (its dot scheme changes with it; attention takes one dtype for all inputs), and ``amp``: the
+trainer's --amp with its default fp32 bank, whose bf16 autocast gives the NCE a bf16 query against
+the fp32 bank (the tf32x3 scheme) and MAP bf16 features with fp32 CAM probabilities.  fp64 never
+reaches a compiled kernel
 (the providers send it to rca_fast.ref on a GPU).
 
 A shape is a dict with B, L, S, D, H, W, K and Np (NCE query rows); P = L * K attention keys and
@@ -30,7 +32,7 @@ from .offline_compile import Job
 
 F32, BF16, F16, I64, U8 = torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8
 SMS = 132
-MODES = ("fp32", "bf16", "fp16", "mix")
+MODES = ("fp32", "bf16", "fp16", "mix", "amp")
 KERNELS = ("nce_lse", "nce_row", "nce_bwd", "attn_fwd", "attn_bwd_scores", "attn_bwd_grads",
            "attn_sum_splits", "map_fwd", "map_bwd")
 _ONE = {"fp32": F32, "bf16": BF16, "fp16": F16}
@@ -41,7 +43,7 @@ def _label(cfg_kwargs: dict, warps: int, stages: int, **shape_constexprs) -> str
 
 
 def _nce_jobs(s: dict, mode: str) -> List[Job]:
-    q_dt, m_dt = (F32, BF16) if mode == "mix" else (_ONE[mode], _ONE[mode])
+    q_dt, m_dt = {"mix": (F32, BF16), "amp": (BF16, F32)}.get(mode) or (_ONE[mode], _ONE[mode])
     N, L, S, D = s["Np"], s["L"], s["S"], s["D"]
     out = []
     # forward tile kernel: the launcher's sizes (nce.forward)
@@ -79,7 +81,7 @@ def _nce_jobs(s: dict, mode: str) -> List[Job]:
 
 
 def _attention_jobs(s: dict, mode: str) -> List[Job]:
-    if mode == "mix":
+    if mode in ("mix", "amp"):
         return []                       # one dtype for query, key and value (ops.prototype_attention)
     dt = _ONE[mode]
     M, P, D = s["B"] * s["H"] * s["W"], s["L"] * s["K"], s["D"]
@@ -119,7 +121,8 @@ def _attention_jobs(s: dict, mode: str) -> List[Job]:
 def _map_jobs(s: dict, mode: str) -> List[Job]:
     if mode == "mix":
         return []                       # the mix mode is the NCE's (fp32 query, bf16 bank)
-    f_dt = c_dt = _ONE[mode]
+    # under --amp the features are bf16 and the CAM probabilities fp32 (model.rca.region_contrast)
+    f_dt, c_dt = (BF16, F32) if mode == "amp" else (_ONE[mode], _ONE[mode])
     B, L, D, HW = s["B"], s["L"], s["D"], s["H"] * s["W"]
     lp = triton.next_power_of_2(max(L, 1))
     out = []

@@ -75,7 +75,7 @@ def test_autotune_only_on_request(monkeypatch):
         assert launch_rule.autotune_requested()
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16", "mix"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16", "mix", "amp"])
 @pytest.mark.parametrize("shape_name", ["voc", "one"])
 def test_compile_check_covers_every_config_the_rule_picks(mode, shape_name):
     """The configs the launchers pick by default are among the compile check's launchable jobs."""
@@ -85,7 +85,8 @@ def test_compile_check_covers_every_config_the_rule_picks(mode, shape_name):
     launched = {(j.kernel, tuple(sorted((k, v) for k, v in j.kwargs.items() if k.startswith("BLOCK")
                                         or k in ("num_warps", "num_stages", "maxnreg", "UNROLL", "MEAN_HW"))))
                 for j in jobs if j.launchable}
-    q, m = (torch.float32, torch.bfloat16) if mode == "mix" else (DTYPES[mode], DTYPES[mode])
+    q, m = {"mix": (torch.float32, torch.bfloat16), "amp": (torch.bfloat16, torch.float32)}.get(mode) \
+        or (DTYPES[mode], DTYPES[mode])
     N, D, P = shape["Np"], shape["D"], shape["L"] * shape["K"]
 
     def has(kernel, cfg):
@@ -95,9 +96,10 @@ def test_compile_check_covers_every_config_the_rule_picks(mode, shape_name):
     assert has("nce_lse", fwd)
     block_n, block_dv = nce_bwd.bwd_blocks(N, D, m, False)
     assert has("nce_bwd", dict(nce_bwd.bwd_launch_config(m), BLOCK_N=block_n, BLOCK_DV=block_dv))
-    if mode != "mix":
+    if mode not in ("mix", "amp"):
         assert has("attn_fwd", attention.fwd_launch_blocks(q, P, D, D))
         assert has("attn_bwd_scores", attention_bwd.bwd_launch_blocks(q, P, D, D)["scores"])
+    if mode != "mix":
         for has_labels in (True, False):
             slots = kmap._slots(True, has_labels, shape["L"])
             c = kmap._fwd_configs(slots, False)[0]
@@ -143,3 +145,25 @@ def test_nce_offsets_guarded_before_int32_wraps(monkeypatch, gen):
     assert fwd["the query's extent"] == (N - 1) * D + D - 1
     assert fwd["one class of the bank's extent"] == (S - 1) * D + D - 1
     assert bwd["splits * N * D (partial gradients)"] % (N * D) == 0
+
+
+def test_compile_check_compiles_the_dtype_pairs_the_trainer_launches():
+    """Under --amp the trainer's forward runs in bf16 autocast: the NCE gets a bf16 query against the
+    default fp32 bank, and MAP bf16 features with fp32 CAM probabilities (region_contrast takes them
+    in fp32).  Those launches load other dtypes than any single-dtype mode (and the NCE takes the
+    tf32x3 scheme): the compile check must compile them, not only the same configs in fp32."""
+    from rca_fast.profile.compile_mode import _shape
+    F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+    compiled = {}
+    for mode in compile_specs.MODES:
+        for j in compile_specs.jobs(_shape("voc"), mode):
+            if j.launchable:
+                compiled.setdefault(j.kernel, set()).add((j.args[0], j.args[1]))
+    # (query, bank) of the NCE: one dtype, the fp32-query/bf16-bank mix, and --amp with an fp32 bank
+    for pair in ((F32, F32), (BF16, BF16), (F16, F16), (F32, BF16), (BF16, F32)):
+        for kernel in ("nce_lse", "nce_bwd"):
+            assert pair in compiled[kernel], f"{kernel} is never compiled with (query, bank) = {pair}"
+    # MAP: (features, cams) forward, (grad of the embeddings: the features' dtype, cams) backward
+    for pair in ((F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)):
+        for kernel in ("map_fwd", "map_bwd"):
+            assert pair in compiled[kernel], f"{kernel} is never compiled with (features, cams) = {pair}"

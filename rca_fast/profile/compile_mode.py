@@ -3,7 +3,7 @@ without a GPU, and the extension's CUDA sources through nvcc; a table and DIR/co
 
 ``python -m rca_fast.profile compile --out DIR`` (CI runs it):
   * the jobs are ``rca_fast.kernels.compile_specs.jobs(shape, mode)`` for the voc, coco and large
-    profile shapes and the size-1 shape, in the modes fp32, bf16, fp16 and mix;
+    profile shapes and the size-1 shape, in the modes fp32, bf16, fp16, mix and amp;
   * identical compiles (same source, signature, specialisation, constexprs and options: shapes only
     matter through those) are compiled once, in parallel worker processes, each with a fresh Triton
     cache shared by the run (the ptxas log, read for registers and spills, is only written when
@@ -243,7 +243,8 @@ def run(args) -> int:
     _prepare_env(cache)
     from rca_fast.kernels.offline_compile import SM90_SHARED_LIMIT, row_problems
     shapes = args.shapes or list(SHAPE_NAMES)
-    modes = args.dtypes or ["fp32", "bf16", "fp16", "mix"]
+    from rca_fast.kernels.compile_specs import MODES
+    modes = args.dtypes or list(MODES)
     kernels = args.kernels
     workers = args.jobs or (os.cpu_count() or 1)
     progress = {"auto": sys.stderr.isatty(), "on": True, "off": False}[args.progress]
@@ -281,7 +282,7 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--out", default="rca_compile", help="output folder (default ./rca_compile)")
     p.add_argument("--shapes", nargs="+", choices=SHAPE_NAMES, default=None,
                    help="shapes to compile for (default all: voc coco large one)")
-    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "fp16", "mix"], default=None,
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "fp16", "mix", "amp"], default=None,
                    help="precision modes (default all)")
     p.add_argument("--kernels", nargs="+", default=None,
                    help="only these Triton kernels (nce_lse nce_row nce_bwd attn_fwd attn_bwd_scores "
