@@ -188,7 +188,7 @@ def backward(grad_rows: torch.Tensor, query: torch.Tensor, bank: torch.Tensor,
     units_per_split = cdiv(n_units, max(1, min(n_units, cdiv(wanted, outer))))
     n_splits = cdiv(n_units, units_per_split)
     check_int32_offsets("bank_nce_loss (backward)", **{
-        "splits * N * D (partial gradients)": n_splits * N * D,
+        "splits * N * D (partial gradients)": n_splits * N * D, "N * 4 (row statistics)": 4 * N,
         "the query's extent": (N - 1) * abs(query.stride(0)) + (D - 1) * abs(query.stride(1)),
         "one class of the bank's extent": (S - 1) * abs(bank.stride(1)) + (D - 1) * abs(bank.stride(2))})
     v_part = torch.empty(n_splits, N, D, dtype=torch.float32, device=dev)

@@ -145,6 +145,9 @@ def test_nce_offsets_guarded_before_int32_wraps(monkeypatch, gen):
     assert fwd["the query's extent"] == (N - 1) * D + D - 1
     assert fwd["one class of the bank's extent"] == (S - 1) * D + D - 1
     assert bwd["splits * N * D (partial gradients)"] % (N * D) == 0
+    # the backward reads the (N, 4) statistics at rows * 4 (int32): with S and L * chunks below 4
+    # the forward's N * S and N * L * chunks bound nothing there
+    assert bwd["N * 4 (row statistics)"] == 4 * N
 
 
 def test_compile_check_compiles_the_dtype_pairs_the_trainer_launches():
