@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from .jsonout import json_safe as _json_safe, write_json  # noqa: F401 (_json_safe: older callers)
+from .jsonout import write_json
 
 OPS_COLUMNS = """\
 columns of the ops table (and keys of each row in profile.json):
