@@ -18,6 +18,7 @@ reaches a compiled kernel
 A shape is a dict with B, L, S, D, H, W, K and Np (NCE query rows); P = L * K attention keys and
 M = B * H * W attention rows follow.  Launch sizes use 132 SMs (H100 SXM / H200).
 """
+import dataclasses
 from typing import Dict, List
 
 import torch
@@ -111,6 +112,11 @@ def _attention_jobs(s: dict, mode: str) -> List[Job]:
                    "rca_fast.kernels.attention_bwd:_attn_bwd_grads_kernel",
                    (dt, dt, dt, dt, dt, dt, F32, M, P, D, DV, ldp, rows_per_split),
                    dict(meta, **g, num_warps=warps, num_stages=stages, maxnreg=maxnreg)))
+    if dt == F32:
+        # fp32 dots run as tf32 when torch allows TF32 matmuls (attention_tile.dot_precision):
+        # other instructions and registers than IEEE, so those launches are compiled too
+        out += [dataclasses.replace(j, config=j.config + "-tf32", kwargs=dict(j.kwargs, PRECISION="tf32"))
+                for j in out]
     out.append(Job("attn_sum_splits", f"BLOCK{attention_bwd.SUM_BLOCK}-w4-s3", mode,
                    "rca_fast.kernels.attention_bwd:_sum_splits_kernel",
                    (F32, dt, dt, cdiv(M, rows_per_split), P, D, DV),

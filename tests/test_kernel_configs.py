@@ -170,3 +170,19 @@ def test_compile_check_compiles_the_dtype_pairs_the_trainer_launches():
     for pair in ((F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)):
         for kernel in ("map_fwd", "map_bwd"):
             assert pair in compiled[kernel], f"{kernel} is never compiled with (features, cams) = {pair}"
+
+
+def test_compile_check_compiles_the_tf32_attention_an_fp32_launch_can_take(monkeypatch):
+    """fp32 attention switches its dots to tf32 when torch allows TF32 matmuls
+    (torch.backends.cuda.matmul.allow_tf32, or torch.set_float32_matmul_precision("high")): other
+    instructions and registers than the IEEE dots, so the compile check must compile them too."""
+    from rca_fast.kernels import attention_tile
+    from rca_fast.profile.compile_mode import _shape
+    monkeypatch.setattr(attention_tile, "INTERPRET", False)          # as on a GPU
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    picked = attention_tile.kernel_meta(torch.float32)["PRECISION"]
+    assert picked == "tf32"
+    jobs = compile_specs.jobs(_shape("voc"), "fp32")
+    for kernel in ("attn_fwd", "attn_bwd_scores", "attn_bwd_grads"):
+        precisions = {j.kwargs["PRECISION"] for j in jobs if j.kernel == kernel and j.launchable}
+        assert precisions == {"ieee", "tf32"}, (kernel, precisions)
