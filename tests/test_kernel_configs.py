@@ -179,8 +179,14 @@ def test_compile_check_compiles_the_tf32_attention_an_fp32_launch_can_take(monke
     from rca_fast.kernels import attention_tile
     from rca_fast.profile.compile_mode import _shape
     monkeypatch.setattr(attention_tile, "INTERPRET", False)          # as on a GPU
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    picked = attention_tile.kernel_meta(torch.float32)["PRECISION"]
+    # not monkeypatch.setattr: allow_tf32 is a property of torch's cuBLAS module object, and
+    # monkeypatch's undo may try to delete it (an AttributeError at teardown in a fresh venv)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        picked = attention_tile.kernel_meta(torch.float32)["PRECISION"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
     assert picked == "tf32"
     jobs = compile_specs.jobs(_shape("voc"), "fp32")
     for kernel in ("attn_fwd", "attn_bwd_scores", "attn_bwd_grads"):
