@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .attention_bwd import attention_backward
-from .attention_tile import (INTERPRET, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc,
+from .attention_tile import (INTERPRET, acc_dtype, autotuned, cast_rne, contract_rows, dot_acc,
                              fixed_launch, kernel_meta, on_device, precision_family, scale_scores,
                              split_scale)
 from .launch_rule import MAXNREG, autotune_requested
@@ -126,13 +126,7 @@ _tuned_fwd: dict = {}
 
 
 def _fwd_tuned(family: str):
-    if family not in _tuned_fwd:
-        _tuned_fwd[family] = triton.autotune(
-            configs=FWD_CONFIGS[family], key=["P", "D", "DV", "PRECISION"],
-            prune_configs_by={"early_config_prune":
-                              lambda configs, named_args, **kw: clamp_configs(configs, named_args, FWD_CAPS)},
-        )(_attn_fwd_kernel)
-    return _tuned_fwd[family]
+    return autotuned(_tuned_fwd, family, FWD_CONFIGS, FWD_CAPS, _attn_fwd_kernel)
 
 
 def fwd_launch_blocks(dtype: torch.dtype, P: int, D: int, DV: int) -> dict:

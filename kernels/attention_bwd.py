@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import (INTERPRET, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc,
+from .attention_tile import (INTERPRET, acc_dtype, autotuned, cast_rne, contract_rows, dot_acc,
                              fixed_launch, kernel_meta, num_sms, on_device, precision_family,
                              scale_scores, split_scale)
 from .launch_rule import MAXNREG, autotune_requested
@@ -202,13 +202,7 @@ _tuned_scores: dict = {}
 
 
 def _scores_tuned(family: str):
-    if family not in _tuned_scores:
-        _tuned_scores[family] = triton.autotune(
-            configs=SCORES_CONFIGS[family], key=["P", "D", "DV", "PRECISION"],
-            prune_configs_by={"early_config_prune":
-                              lambda configs, named_args, **kw: clamp_configs(configs, named_args, SCORES_CAPS)},
-        )(_attn_bwd_scores_kernel)
-    return _tuned_scores[family]
+    return autotuned(_tuned_scores, family, SCORES_CONFIGS, SCORES_CAPS, _attn_bwd_scores_kernel)
 
 
 def bwd_launch_blocks(dtype: torch.dtype, P: int, D: int, DV: int) -> dict:

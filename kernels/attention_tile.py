@@ -83,6 +83,19 @@ def fixed_launch(config, sizes: Dict[str, int], caps: Dict[str, str]) -> dict:
     return dict(cfg.kwargs, **launch_options(cfg))
 
 
+def autotuned(cache: dict, family: str, configs: dict, caps: Dict[str, str], kernel):
+    """``kernel`` under ``triton.autotune`` over ``configs[family]`` (blocks clamped to the shapes by
+    ``clamp_configs``), built once per precision family and kept in ``cache``; only used with
+    RCA_FAST_AUTOTUNE=1 (the fixed rule launches one config otherwise)."""
+    if family not in cache:
+        cache[family] = triton.autotune(
+            configs=configs[family], key=["P", "D", "DV", "PRECISION"],
+            prune_configs_by={"early_config_prune":
+                              lambda cfgs, named_args, **kw: clamp_configs(cfgs, named_args, caps)},
+        )(kernel)
+    return cache[family]
+
+
 def clamp_configs(configs, named_args, caps: Dict[str, str]):
     """Autotune pruning: shrink each config's blocks named in ``caps`` (block -> size argument) to
     the padded size they tile, and drop the duplicates this makes (a 512-wide Dv tile for Dv=44
