@@ -106,17 +106,22 @@ def test_crop_is_put_back_in_place(gen):
     np.testing.assert_array_equal(m, want)
 
 
-def run_recorded(tmp_path, monkeypatch, argv):
-    """Run the trainer, recording what reaches AttentionMaps.update; returns the recorded steps."""
-    steps = []
+def recording_update(steps):
+    """AttentionMaps.update that first appends what reached it to ``steps``:
+    (epoch, cams, logits, labels, image indices, flipped per item)."""
     original = AttentionMaps.update
 
     def spy(self, cams, logits, labels, indices, epoch, input_hw, views=None):
         steps.append((epoch, cams.detach().float().numpy().copy(), logits.detach().float().numpy().copy(),
                       labels.numpy().copy(), list(indices), [bool(v[4]) for v in views.tolist()]))
         return original(self, cams, logits, labels, indices, epoch, input_hw, views)
+    return spy
 
-    monkeypatch.setattr(AttentionMaps, "update", spy)
+
+def run_recorded(tmp_path, monkeypatch, argv):
+    """Run the trainer, recording what reaches AttentionMaps.update; returns the recorded steps."""
+    steps = []
+    monkeypatch.setattr(AttentionMaps, "update", recording_update(steps))
     main(argv)
     return steps
 
@@ -215,13 +220,7 @@ def _ddp_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     steps = []
     original = AttentionMaps.update
-
-    def spy(self, cams, logits, labels, indices, epoch, input_hw, views=None):
-        steps.append((epoch, cams.detach().float().numpy().copy(), logits.detach().float().numpy().copy(),
-                      labels.numpy().copy(), list(indices), [bool(v[4]) for v in views.tolist()]))
-        return original(self, cams, logits, labels, indices, epoch, input_hw, views)
-
-    AttentionMaps.update = spy
+    AttentionMaps.update = recording_update(steps)
     init = AttentionMaps.__init__
 
     def gate_half(self, *args, **kwargs):  # probabilities sit near 0.5 early: make the gate bite

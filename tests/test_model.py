@@ -130,6 +130,34 @@ def test_per_class_head_equals_separate_branches(L, D, W, gen):
         torch.testing.assert_close(head(x)[:, l:l + 1], y)
 
 
+def aggregation_pixel_loop(agg, feats, protos, coefficients):
+    """The aggregation written out per pixel in float64: query, keys and values of the prototypes,
+    ``coefficients(scores)`` (the attention weights over the L*K prototypes), context, out conv,
+    fuse conv on [feature, context]."""
+    L, K, D = protos.shape
+    P = L * K
+    keys = [agg.key.weight @ protos.reshape(P, D)[p] + agg.key.bias for p in range(P)]
+    values = [agg.value.weight @ protos.reshape(P, D)[p] + agg.value.bias for p in range(P)]
+    want = torch.empty_like(feats)
+    for b in range(feats.shape[0]):
+        for i in range(feats.shape[2]):
+            for j in range(feats.shape[3]):
+                f = feats[b, :, i, j]
+                q = agg.query.weight[:, :, 0, 0] @ f + agg.query.bias
+                coef = coefficients([float(q @ k) for k in keys])
+                ctx = sum(c * v for c, v in zip(coef, values))
+                o = agg.out.weight[:, :, 0, 0] @ ctx + agg.out.bias
+                want[b, :, i, j] = agg.fuse.weight[:, :, 0, 0] @ torch.cat([f, o]) + agg.fuse.bias
+    return want
+
+
+def softmax_coefficients(scale):
+    def coefficients(scores):
+        e = [math.exp(scale * s - scale * max(scores)) for s in scores]
+        return [v / sum(e) for v in e]
+    return coefficients
+
+
 @pytest.mark.parametrize("mode", ["softmax", "linear", "none"])
 def test_aggregation_against_pixel_loop(mode, gen):
     L, K, D, h, w = 3, 2, 12, 5, 7
@@ -141,25 +169,12 @@ def test_aggregation_against_pixel_loop(mode, gen):
     if mode == "none":
         assert got is feats and not list(agg.parameters())
         return
-    P = L * K
-    keys = [agg.key.weight @ protos.reshape(P, D)[p] + agg.key.bias for p in range(P)]
-    values = [agg.value.weight @ protos.reshape(P, D)[p] + agg.value.bias for p in range(P)]
-    want = torch.empty_like(feats)
-    for b in range(2):
-        for i in range(h):
-            for j in range(w):
-                f = feats[b, :, i, j]
-                q = agg.query.weight[:, :, 0, 0] @ f + agg.query.bias
-                scores = [float(q @ k) for k in keys]
-                if mode == "softmax":
-                    e = [math.exp(s / math.sqrt(D) - max(scores) / math.sqrt(D)) for s in scores]
-                    coef = [v / sum(e) for v in e]
-                else:  # the public code's `matmul(query, key) / K * 20`, left to right, no softmax
-                    coef = [s / K * 20 for s in scores]
-                ctx = sum(c * v for c, v in zip(coef, values))
-                o = agg.out.weight[:, :, 0, 0] @ ctx + agg.out.bias
-                want[b, :, i, j] = agg.fuse.weight[:, :, 0, 0] @ torch.cat([f, o]) + agg.fuse.bias
-    torch.testing.assert_close(got, want)
+    if mode == "softmax":
+        coefficients = softmax_coefficients(1 / math.sqrt(D))
+    else:  # the public code's `matmul(query, key) / K * 20`, left to right, no softmax
+        def coefficients(scores):
+            return [s / K * 20 for s in scores]
+    torch.testing.assert_close(got, aggregation_pixel_loop(agg, feats, protos, coefficients))
 
 
 @pytest.mark.parametrize("attention_scale", ["one", "learned"])
@@ -180,20 +195,7 @@ def test_attention_scale_against_pixel_loop(attention_scale, gen):
         got.sum().backward()
         assert float(agg.log_scale.grad.abs()) > 0
     with torch.no_grad():
-        P = L * K
-        keys = [agg.key.weight @ protos.reshape(P, D)[p] + agg.key.bias for p in range(P)]
-        values = [agg.value.weight @ protos.reshape(P, D)[p] + agg.value.bias for p in range(P)]
-        want = torch.empty_like(feats)
-        for b in range(2):
-            for i in range(h):
-                for j in range(w):
-                    f = feats[b, :, i, j]
-                    q = agg.query.weight[:, :, 0, 0] @ f + agg.query.bias
-                    scores = [scale * float(q @ k) for k in keys]
-                    e = [math.exp(v - max(scores)) for v in scores]
-                    ctx = sum((v / sum(e)) * val for v, val in zip(e, values))
-                    o = agg.out.weight[:, :, 0, 0] @ ctx + agg.out.bias
-                    want[b, :, i, j] = agg.fuse.weight[:, :, 0, 0] @ torch.cat([f, o]) + agg.fuse.bias
+        want = aggregation_pixel_loop(agg, feats, protos, softmax_coefficients(scale))
     torch.testing.assert_close(got.detach(), want)
 
 
