@@ -5,7 +5,7 @@ softmax(scale * q k^T) v with the P prototypes shared by all B*N queries (RCA's 
 aggregation).  Target (issue 4, H100/H200): forward+backward at B=8, N=46x46, P=200, D=Dv=512 faster
 than SDPA memory-efficient.  Rows, per dtype (bf16, fp32) and mode (fwd, fwd_bwd):
 
-  rca_fast          rca_fast.kernels.attention.prototype_attention (Triton, CUDA only)
+  rca_fast          rca_fast.kernels.attention.forward.prototype_attention (Triton, CUDA only)
   ref               rca_fast.ref.attention.prototype_attention, eager
   ref_compiled      torch.compile(ref) (CUDA only)
   sdpa_efficient    F.scaled_dot_product_attention under sdpa_kernel(EFFICIENT_ATTENTION), q as
@@ -67,7 +67,7 @@ def make_attention(provider: str, B: int, N: int):
         compiled = torch.compile(ref_attention)
         return lambda q, k, v, scale: compiled(q, k, v, scale=scale)
     if provider == "rca_fast":
-        from rca_fast.kernels.attention import prototype_attention
+        from rca_fast.kernels.attention.forward import prototype_attention
         return lambda q, k, v, scale: prototype_attention(q, k, v, scale=scale)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -8,7 +8,7 @@ features themselves are not needed there), plus the present classes' CAM rows, t
 embeddings / their gradient and the (B, L) labels and counts.  Rows, per case, dtype (fp32,
 bf16) and mode (fwd, fwd_bwd):
 
-  rca_fast      rca_fast.kernels.map.masked_average_pool (Triton, CUDA only)
+  rca_fast      rca_fast.kernels.map.forward.masked_average_pool (Triton, CUDA only)
   ref           rca_fast.ref.map.masked_average_pool, eager
   ref_compiled  torch.compile(ref) (CUDA only)
 
@@ -77,7 +77,7 @@ def make_map(provider: str):
         return ref_map
     if provider == "ref_compiled":
         return torch.compile(ref_map)
-    from rca_fast.kernels.map import masked_average_pool
+    from rca_fast.kernels.map.forward import masked_average_pool
     return masked_average_pool
 
 

@@ -9,7 +9,7 @@ trains).  Targets (issue 4, H100/H200), forward, bank 1000x1000x512 bf16 (query 
     inputs hold; the eager reference materialises N x L x S logits: 2 GB at N=512).
 Rows, per case, dtype (bf16: bf16 query and bank; fp32) and mode (fwd, fwd_bwd):
 
-  rca_fast      rca_fast.kernels.nce.bank_nce_loss (Triton, CUDA only)
+  rca_fast      rca_fast.kernels.nce.forward.bank_nce_loss (Triton, CUDA only)
   ref           rca_fast.ref.nce.bank_nce_loss, eager
   ref_compiled  torch.compile(ref) (CUDA only)
 
@@ -68,7 +68,7 @@ def make_nce(provider: str):
         return ref_nce
     if provider == "ref_compiled":
         return torch.compile(ref_nce)
-    from rca_fast.kernels.nce import bank_nce_loss
+    from rca_fast.kernels.nce.forward import bank_nce_loss
     return bank_nce_loss
 
 

@@ -25,10 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention, attention_bwd, map as kmap, nce, nce_bwd
-from .attention_tile import clamp_configs
+from .attention import backward as attention_bwd, forward as attention
+from .attention.tiles import clamp_configs
 from .launch_rule import config_label, launch_options
-from .nce_tile import S_GRANULE_GPU, cdiv, dot_mode, split_units
+from .map import backward as kmap_bwd, forward as kmap, tiles as kmap_tiles
+from .nce import backward as nce_bwd, forward as nce
+from .nce.tiles import S_GRANULE_GPU, cdiv, dot_mode, split_units
 from .offline_compile import Job
 
 F32, BF16, F16, I64, U8 = torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8
@@ -58,10 +60,10 @@ def _nce_jobs(s: dict, mode: str) -> List[Job]:
                 D, 1, S * D, D, 1)
         kw = dict(HAS_MIX=True, MODE=dmode, INTERPRET=False, BLOCK_N=block_n, **cfg.kwargs, **launch_options(cfg))
         out.append(Job("nce_lse", _label(cfg.kwargs, cfg.num_warps, cfg.num_stages, BLOCK_N=block_n), mode,
-                       "rca_fast.kernels.nce:_nce_lse_kernel", args, kw))
+                       "rca_fast.kernels.nce.forward:_nce_lse_kernel", args, kw))
     # per-row kernel (fp32 buffers only: the same for every mode)
     blocks = nce.row_kernel_blocks(L, n_chunks, False)
-    out.append(Job("nce_row", _label(blocks, 4, 3), mode, "rca_fast.kernels.nce:_nce_row_kernel",
+    out.append(Job("nce_row", _label(blocks, 4, 3), mode, "rca_fast.kernels.nce.forward:_nce_row_kernel",
                    (F32, F32, F32, I64, I64, F32, F32, F32, L, S, n_chunks), dict(HAS_MIX=True, **blocks)))
     # backward (nce_bwd.backward)
     block_n, block_dv = nce_bwd.bwd_blocks(N, D, m_dt, False)
@@ -76,7 +78,7 @@ def _nce_jobs(s: dict, mode: str) -> List[Job]:
         kw = dict(HAS_MIX=True, MODE=dmode, VMODE=dot_mode(F32, m_dt), INTERPRET=False, BLOCK_N=block_n,
                   BLOCK_DV=block_dv, **cfg.kwargs, **launch_options(cfg))
         out.append(Job("nce_bwd", _label(cfg.kwargs, cfg.num_warps, cfg.num_stages, BLOCK_N=block_n,
-                                         BLOCK_DV=block_dv), mode, "rca_fast.kernels.nce_bwd:_nce_bwd_kernel",
+                                         BLOCK_DV=block_dv), mode, "rca_fast.kernels.nce.backward:_nce_bwd_kernel",
                        args, kw))
     return out
 
@@ -93,13 +95,13 @@ def _attention_jobs(s: dict, mode: str) -> List[Job]:
     out = []
     for cfg in clamp_configs(attention.FWD_CONFIGS[fam], sizes, attention.FWD_CAPS):
         out.append(Job("attn_fwd", _label(cfg.kwargs, cfg.num_warps, cfg.num_stages), mode,
-                       "rca_fast.kernels.attention:_attn_fwd_kernel",
+                       "rca_fast.kernels.attention.forward:_attn_fwd_kernel",
                        (dt, dt, dt, dt, F32, M, P, D, DV, 0.044, 1e-10),
                        dict(meta, **cfg.kwargs, **launch_options(cfg))))
     ldp = attention_bwd.padded_cols(P)
     for cfg in clamp_configs(attention_bwd.SCORES_CONFIGS[fam], sizes, attention_bwd.SCORES_CAPS):
         out.append(Job("attn_bwd_scores", _label(cfg.kwargs, cfg.num_warps, cfg.num_stages), mode,
-                       "rca_fast.kernels.attention_bwd:_attn_bwd_scores_kernel",
+                       "rca_fast.kernels.attention.backward:_attn_bwd_scores_kernel",
                        (dt, dt, dt, dt, dt, F32, dt, dt, M, P, D, DV, ldp, 0.044, 1e-10),
                        dict(meta, **cfg.kwargs, **launch_options(cfg))))
     g = dict(attention_bwd.GPU_GRADS_BLOCKS[fam])
@@ -109,16 +111,16 @@ def _attention_jobs(s: dict, mode: str) -> List[Job]:
     splits = max(1, min(want, cdiv(M, 4 * g["BLOCK_M_R"])))
     rows_per_split = cdiv(cdiv(M, splits), g["BLOCK_M_R"]) * g["BLOCK_M_R"]
     out.append(Job("attn_bwd_grads", _label(g, warps, stages), mode,
-                   "rca_fast.kernels.attention_bwd:_attn_bwd_grads_kernel",
+                   "rca_fast.kernels.attention.backward:_attn_bwd_grads_kernel",
                    (dt, dt, dt, dt, dt, dt, F32, M, P, D, DV, ldp, rows_per_split),
                    dict(meta, **g, num_warps=warps, num_stages=stages, maxnreg=maxnreg)))
     if dt == F32:
-        # fp32 dots run as tf32 when torch allows TF32 matmuls (attention_tile.dot_precision):
+        # fp32 dots run as tf32 when torch allows TF32 matmuls (attention.tiles.dot_precision):
         # other instructions and registers than IEEE, so those launches are compiled too
         out += [dataclasses.replace(j, config=j.config + "-tf32", kwargs=dict(j.kwargs, PRECISION="tf32"))
                 for j in out]
     out.append(Job("attn_sum_splits", f"BLOCK{attention_bwd.SUM_BLOCK}-w4-s3", mode,
-                   "rca_fast.kernels.attention_bwd:_sum_splits_kernel",
+                   "rca_fast.kernels.attention.backward:_sum_splits_kernel",
                    (F32, dt, dt, cdiv(M, rows_per_split), P, D, DV),
                    dict(INTERP_BF16=False, BLOCK=attention_bwd.SUM_BLOCK)))
     return out
@@ -133,7 +135,7 @@ def _map_jobs(s: dict, mode: str) -> List[Job]:
     lp = triton.next_power_of_2(max(L, 1))
     out = []
     for has_labels in (True, False):
-        slots = kmap._slots(True, has_labels, L)
+        slots = kmap_tiles.slots_per_pass(True, has_labels, L)
         meta = dict(HAS_LABELS=has_labels, LP=lp, SLOTS=slots, ACC_FP64=False)
         tag = dict(SLOTS=slots, LABELS=int(has_labels))
         present = U8 if has_labels else c_dt        # without labels the launcher passes the CAMs
@@ -142,13 +144,13 @@ def _map_jobs(s: dict, mode: str) -> List[Job]:
             args = (f_dt, c_dt, present, torch.float64, I64, f_dt, L, D, HW,
                     D * HW, HW, 1, L * HW, HW, 1, L * D, D, 1)
             out.append(Job("map_fwd", _label(cfg.kwargs, cfg.num_warps, 3, **tag), mode,
-                           "rca_fast.kernels.map:_map_fwd_kernel", args,
+                           "rca_fast.kernels.map.forward:_map_fwd_kernel", args,
                            dict(meta, **cfg.kwargs, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)))
-        for cfg in kmap._bwd_configs(False, slots):
+        for cfg in kmap_bwd._bwd_configs(False, slots):
             args = (f_dt, c_dt, present, torch.float64, I64, f_dt, L, D, HW,
                     L * D, D, 1, L * HW, HW, 1, D * HW, HW, 1)
             out.append(Job("map_bwd", _label(cfg.kwargs, cfg.num_warps, 3, **tag), mode,
-                           "rca_fast.kernels.map:_map_bwd_kernel", args,
+                           "rca_fast.kernels.map.backward:_map_bwd_kernel", args,
                            dict(meta, **cfg.kwargs, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)))
     return out
 
@@ -167,4 +169,4 @@ def planted_spill_job() -> Job:
     args = (F32, F32, I64, I64, F32, F32, F32, 512, 1000, 512, 8, 1, 20, 1024, 1 / 0.07, 512, 1, 512000, 512, 1)
     kw = dict(HAS_MIX=True, MODE=dot_mode(F32, F32), INTERPRET=False, BLOCK_N=64, BLOCK_S=128, BLOCK_D=128,
               num_warps=4, num_stages=2)
-    return Job("nce_lse", "PLANTED-N64-S128-D128-w4-s2", "fp32", "rca_fast.kernels.nce:_nce_lse_kernel", args, kw)
+    return Job("nce_lse", "PLANTED-N64-S128-D128-w4-s2", "fp32", "rca_fast.kernels.nce.forward:_nce_lse_kernel", args, kw)

@@ -1,4 +1,4 @@
-"""Triton prototype attention (kernels/attention.py, kernels/attention_bwd.py) against the oracles.
+"""Triton prototype attention (kernels/attention/: forward.py, backward.py) against the oracles.
 
 Forward against the float64 loop oracle (tests/oracles.py) and rca_fast.ref; every gradient
 against rca_fast.ref run in float64 under autograd (the oracle the kernel brief names).  Without
@@ -18,8 +18,8 @@ from rca_fast.ref.attention import prototype_attention as ref_attention
 HAS_CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")   # cpu = Triton interpreter
 
-kattn = pytest.importorskip("rca_fast.kernels.attention")
-kbwd = pytest.importorskip("rca_fast.kernels.attention_bwd")
+kattn = pytest.importorskip("rca_fast.kernels.attention.forward")
+kbwd = pytest.importorskip("rca_fast.kernels.attention.backward")
 
 pytestmark = pytest.mark.triton
 

@@ -12,17 +12,21 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from rca_fast.kernels import attention, attention_bwd, compile_specs, launch_rule, nce, nce_bwd  # noqa: E402
-from rca_fast.kernels import map as kmap  # noqa: E402
-from rca_fast.kernels.nce_tile import dot_mode  # noqa: E402
+from rca_fast.kernels import compile_specs, launch_rule  # noqa: E402
+from rca_fast.kernels.attention import backward as attention_bwd, forward as attention  # noqa: E402
+from rca_fast.kernels.map import backward as kmap_bwd, forward as kmap, tiles as kmap_tiles  # noqa: E402
+from rca_fast.kernels.nce import backward as nce_bwd, forward as nce  # noqa: E402
+from rca_fast.kernels.nce.tiles import dot_mode  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Prints every config the fixed rule picks for a grid of shapes and dtypes, as JSON.
 RULE_SCRIPT = r"""
 import json, torch
-from rca_fast.kernels import attention, attention_bwd, nce, nce_bwd, map as kmap
-from rca_fast.kernels.nce_tile import dot_mode
+from rca_fast.kernels.attention import backward as attention_bwd, forward as attention
+from rca_fast.kernels.map import backward as kmap_bwd, forward as kmap
+from rca_fast.kernels.nce import backward as nce_bwd, forward as nce
+from rca_fast.kernels.nce.tiles import dot_mode
 dts = [torch.float32, torch.bfloat16, torch.float16]
 out = {}
 for q in dts:
@@ -39,7 +43,7 @@ for slots in (1, 4, 8):
     c = kmap._fwd_configs(slots, False)[0]
     out[f"map_fwd {slots}"] = [c.kwargs, c.num_warps]
 for slots in (1, 4, 8):
-    c = kmap._bwd_configs(False, slots)[0]
+    c = kmap_bwd._bwd_configs(False, slots)[0]
     out[f"map_bwd {slots}"] = [c.kwargs, c.num_warps]
 print(json.dumps(out, sort_keys=True, default=str))
 """
@@ -101,7 +105,7 @@ def test_compile_check_covers_every_config_the_rule_picks(mode, shape_name):
         assert has("attn_bwd_scores", attention_bwd.bwd_launch_blocks(q, P, D, D)["scores"])
     if mode != "mix":
         for has_labels in (True, False):
-            slots = kmap._slots(True, has_labels, shape["L"])
+            slots = kmap_tiles.slots_per_pass(True, has_labels, shape["L"])
             c = kmap._fwd_configs(slots, False)[0]
             assert has("map_fwd", dict(c.kwargs, num_warps=c.num_warps, maxnreg=c.maxnreg))
 
@@ -122,7 +126,7 @@ def test_no_launchable_config_list_holds_the_spilling_tiles():
 def test_nce_offsets_guarded_before_int32_wraps(monkeypatch, gen):
     """The NCE kernels index with int32 offsets: the launchers check every extent first (forward
     and backward) and raise a ValueError naming it at 2**31 elements."""
-    from rca_fast.kernels import nce_tile
+    from rca_fast.kernels.nce import tiles as nce_tile
     with pytest.raises(ValueError, match=r"N \* S .* = 2147483648 elements reaches 2\*\*31"):
         nce_tile.check_int32_offsets("bank_nce_loss", **{"N * S (positive similarities)": 2 ** 31})
     nce_tile.check_int32_offsets("bank_nce_loss", **{"N * S": 2 ** 31 - 1})
@@ -176,7 +180,7 @@ def test_compile_check_compiles_the_tf32_attention_an_fp32_launch_can_take(monke
     """fp32 attention switches its dots to tf32 when torch allows TF32 matmuls
     (torch.backends.cuda.matmul.allow_tf32, or torch.set_float32_matmul_precision("high")): other
     instructions and registers than the IEEE dots, so the compile check must compile them too."""
-    from rca_fast.kernels import attention_tile
+    from rca_fast.kernels.attention import tiles as attention_tile
     from rca_fast.profile.compile_mode import _shape
     monkeypatch.setattr(attention_tile, "INTERPRET", False)          # as on a GPU
     # not monkeypatch.setattr: allow_tf32 is a property of torch's cuBLAS module object, and

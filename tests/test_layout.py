@@ -71,3 +71,47 @@ def test_profile_modules_have_no_import_cycle():
 def test_import_reader_resolves_relative_and_lazy_imports(tmp_path, name, package, text, want):
     (tmp_path / name).write_text(text)
     assert want in imported_modules(str(tmp_path / name), package)
+
+
+KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels")
+SHARED_KERNEL_HELPERS = {"__init__.py", "launch_rule.py", "precise_math.py", "compile_specs.py",
+                         "offline_compile.py"}
+
+
+def _package_files(folder, package):
+    """{module name: path} of every .py file under ``folder`` (subfolders as subpackages)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        rel = os.path.relpath(dirpath, folder)
+        pkg = package if rel == "." else package + "." + rel.replace(os.sep, ".")
+        for name in filenames:
+            if name.endswith(".py"):
+                mod = pkg if name == "__init__.py" else f"{pkg}.{name[:-3]}"
+                out[mod] = (os.path.join(dirpath, name), pkg)
+    return out
+
+
+def test_kernels_are_grouped_by_op():
+    """kernels/ holds one folder per op (forward, backward, tiles) and, beside them, only the shared
+    launch / maths / compile-check helpers: no op's file at the top level."""
+    top = {n for n in os.listdir(KERNELS) if n.endswith(".py")}
+    assert top <= SHARED_KERNEL_HELPERS, f"op files at the top of kernels/: {sorted(top - SHARED_KERNEL_HELPERS)}"
+    for op in ("map", "nce", "attention"):
+        files = set(os.listdir(os.path.join(KERNELS, op)))
+        assert {"__init__.py", "forward.py", "backward.py", "tiles.py"} <= files, (op, sorted(files))
+
+
+@pytest.mark.parametrize("folder,package,forbidden", [
+    (KERNELS, "rca_fast.kernels", ("rca_fast.model", "rca_fast.train", "rca_fast.infer", "rca_fast.evaluate",
+                                   "rca_fast.data", "rca_fast.ops", "rca_fast.profile")),
+    (os.path.join(ROOT, "ref"), "rca_fast.ref", ("rca_fast.ops", "rca_fast.kernels")),
+])
+def test_lower_layers_import_nothing_above_them(folder, package, forbidden):
+    """kernels import nothing of the ops, model or programs; ref (the oracle) nothing of ops or kernels."""
+    files = _package_files(folder, package)
+    assert files
+    for module, (path, pkg) in files.items():
+        bad = [n for n in imported_modules(path, pkg)
+               if any(n == f or n.startswith(f + ".") for f in forbidden)]
+        assert not bad, f"{module} imports {bad}"

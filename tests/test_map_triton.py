@@ -1,4 +1,4 @@
-"""The Triton masked average pooling (kernels/map.py) against rca_fast.ref and the loop oracle.
+"""The Triton masked average pooling (kernels/map/) against rca_fast.ref and the loop oracle.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), with the interpreter's
 small tiles (16/32 wide, 2 classes a pass), so the odd shapes below cross several D blocks,
@@ -14,7 +14,8 @@ from rca_fast import ops
 from rca_fast.ops import _dispatch
 from rca_fast.ref import masked_average_pool as ref_map
 
-kmap = pytest.importorskip("rca_fast.kernels.map")
+kmap = pytest.importorskip("rca_fast.kernels.map.forward")
+kmap_bwd = pytest.importorskip("rca_fast.kernels.map.backward")
 
 OP = "masked_average_pool"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -199,7 +200,7 @@ def _gpu_candidates():
     for fp64 in (False, True):
         for slots in (4, 8):
             out += [("fwd", slots, fp64, c) for c in kmap._fwd_configs(slots, fp64)]
-        out += [("bwd", slots, fp64, c) for slots in (4, 8) for c in kmap._bwd_configs(fp64, slots)]
+        out += [("bwd", slots, fp64, c) for slots in (4, 8) for c in kmap_bwd._bwd_configs(fp64, slots)]
     return out
 
 
@@ -225,7 +226,7 @@ def test_gpu_configs_in_interpreter(kind, slots, fp64, config, gen):
         return
     _, count, mean = kmap._launch_fwd(features, cams, labels)
     upstream = torch.randn(B, L, D, generator=gen, dtype=torch.float64).to(DEV, dtype)
-    grad = kmap._launch_bwd(upstream, cams, labels, mean, count, False, config=config, slots=slots)
+    grad = kmap_bwd._launch_bwd(upstream, cams, labels, mean, count, False, config=config, slots=slots)
     f = features.clone().requires_grad_(True)
     (want_grad,) = torch.autograd.grad(ref_map(f, cams, labels)[0], f, upstream)
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)

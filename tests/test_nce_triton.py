@@ -1,4 +1,4 @@
-"""Triton bank NCE (kernels/nce.py, nce_bwd.py) against rca_fast.ref: forward and d(query).
+"""Triton bank NCE (kernels/nce/: forward.py, backward.py) against rca_fast.ref: forward and d(query).
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1): the
 shapes are small and odd on purpose (D=60 over two D chunks, S=37 over three slot tiles and several
@@ -16,7 +16,7 @@ import oracles
 from rca_fast import ops
 from rca_fast.ref.nce import bank_nce_loss as ref_nce
 
-nce = pytest.importorskip("rca_fast.kernels.nce")
+nce = pytest.importorskip("rca_fast.kernels.nce.forward")
 
 # (N, L, S, D, query dtype, bank dtype, mixup): every dot scheme of nce_tile.dot_mode appears
 CASES = [

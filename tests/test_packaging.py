@@ -33,5 +33,10 @@ def test_setup_runs_without_torch_and_lists_every_package():
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]
         if any(f.endswith(".py") for f in filenames):
             folders.add(os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
-    folders.add("rca_fast.kernels")  # the top-level kernels/ folder, installed under that name
+    # the top-level kernels/ folder and its op folders, installed under rca_fast.kernels
+    for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, "kernels")):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        if any(f.endswith(".py") for f in filenames):
+            folders.add("rca_fast." + os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
+    assert {"rca_fast.kernels", "rca_fast.kernels.map", "rca_fast.kernels.nce"} <= folders
     assert folders <= packages, f"not installed: {sorted(folders - packages)}"

@@ -28,15 +28,15 @@ ENV_VAR = "RCA_FAST_BACKEND"
 PROVIDERS: Dict[str, Dict[str, str]] = {
     "masked_average_pool": {
         "torch": "rca_fast.ref.map:masked_average_pool",
-        "triton": "rca_fast.kernels.map:masked_average_pool",
+        "triton": "rca_fast.kernels.map.forward:masked_average_pool",
     },
     "bank_nce_loss": {
         "torch": "rca_fast.ref.nce:bank_nce_loss",
-        "triton": "rca_fast.kernels.nce:bank_nce_loss",
+        "triton": "rca_fast.kernels.nce.forward:bank_nce_loss",
     },
     "prototype_attention": {
         "torch": "rca_fast.ref.attention:prototype_attention",
-        "triton": "rca_fast.kernels.attention:prototype_attention",
+        "triton": "rca_fast.kernels.attention.forward:prototype_attention",
     },
     "ema_update_": {
         "torch": "rca_fast.ref.ema:ema_update_",
@@ -68,12 +68,12 @@ def _import_provider(module_name: str):
         import rca_fast.ref.ema  # noqa: F401
     elif module_name == "rca_fast.ref.kmeans":
         import rca_fast.ref.kmeans  # noqa: F401
-    elif module_name == "rca_fast.kernels.map":
-        import rca_fast.kernels.map  # noqa: F401
-    elif module_name == "rca_fast.kernels.nce":
-        import rca_fast.kernels.nce  # noqa: F401
-    elif module_name == "rca_fast.kernels.attention":
-        import rca_fast.kernels.attention  # noqa: F401
+    elif module_name == "rca_fast.kernels.map.forward":
+        import rca_fast.kernels.map.forward  # noqa: F401
+    elif module_name == "rca_fast.kernels.nce.forward":
+        import rca_fast.kernels.nce.forward  # noqa: F401
+    elif module_name == "rca_fast.kernels.attention.forward":
+        import rca_fast.kernels.attention.forward  # noqa: F401
     elif module_name == "rca_fast._ext":
         import rca_fast._ext  # noqa: F401
     else:

@@ -46,7 +46,7 @@ def _shape(name: str) -> Dict[str, int]:
 def _prepare_env(cache_dir: str) -> None:
     """Compiled, not interpreted, kernels, with a Triton cache of this run (before any import of
     rca_fast.kernels: they read TRITON_INTERPRET when imported)."""
-    if os.environ.pop("TRITON_INTERPRET", None) == "1" and "rca_fast.kernels.nce" in sys.modules:
+    if os.environ.pop("TRITON_INTERPRET", None) == "1" and "rca_fast.kernels.nce.forward" in sys.modules:
         raise RuntimeError("compile check: the kernels were imported under TRITON_INTERPRET=1; "
                            "run it in a fresh process")
     os.environ["TRITON_CACHE_DIR"] = cache_dir

@@ -1,8 +1,8 @@
-"""Helpers shared by the prototype-attention forward (``attention.py``) and backward
-(``attention_bwd.py``) kernels: dtype and precision choices, the scale split, device helpers, config
+"""Helpers shared by the prototype-attention forward (``forward.py``) and backward
+(``backward.py``) kernels: dtype and precision choices, the scale split, device helpers, config
 clamping, and the @triton.jit tile functions (dot, rounding cast, chunked row contraction).
 
-This is their one home (as ``nce_tile.py`` is for the NCE kernels): the two kernel files import
+This is their one home (as ``kernels/nce/tiles.py`` is for the NCE kernels): the two kernel files import
 from here and not from each other.
 """
 import contextlib
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_rule import launch_options
+from ..launch_rule import launch_options
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

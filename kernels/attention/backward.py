@@ -1,4 +1,4 @@
-"""Backward of prototype attention (see ``kernels/attention.py`` for the plan and the shapes).
+"""Backward of prototype attention (see ``kernels/attention/forward.py`` for the plan and the shapes).
 
 Given q (M, D), k (P, D), v (P, Dv), the forward's out (M, Dv) and lse (M,), and dO (M, Dv):
   probs    = exp(scale * q k^T - lse)                        (M, P)
@@ -20,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import (INTERPRET, acc_dtype, autotuned, cast_rne, contract_rows, dot_acc,
+from .tiles import (INTERPRET, acc_dtype, autotuned, cast_rne, contract_rows, dot_acc,
                              fixed_launch, kernel_meta, num_sms, on_device, precision_family,
                              scale_scores, split_scale)
-from .launch_rule import MAXNREG, autotune_requested
-from .precise_math import exp_precise
+from ..launch_rule import MAXNREG, autotune_requested
+from ..precise_math import exp_precise
 
 INTERPRET_BWD_BLOCKS = dict(
     scores=dict(BLOCK_M=16, BLOCK_P=16, BLOCK_D=16, BLOCK_DV=16),
@@ -189,7 +189,7 @@ def _cfg(m, p, d, dv, warps, stages):
                          maxnreg=MAXNREG)
 
 
-# Launchable configs of the scores kernel per precision family (``attention_tile.precision_family``),
+# Launchable configs of the scores kernel per precision family (``tiles.precision_family``),
 # checked by the sm_90a compile check.  The FIRST entry is the fixed rule's choice (blocks clamped
 # to the shapes); RCA_FAST_AUTOTUNE=1 times them all.  A P block of 256 reads each chunk of q and
 # dO once per program for P <= 256 (RCA: 200); IEEE fp32 dots need smaller tiles.

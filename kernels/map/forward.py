@@ -5,11 +5,11 @@ Semantics are those of ``rca_fast.ref.map``: for each (image b, class l) the reg
 map an exactly empty mask), ``count`` is the number of mask pixels and ``emb`` the mean feature
 under the mask (0 for an empty mask or an absent class, never NaN).
 
-Layering (one file, Liger-Kernel habit):
+Layering (kernels/map/: forward.py, backward.py, tiles.py):
   Triton kernels  ``_map_fwd_kernel``   (per (b, D-block): thresholds, then one pass over the
                                          features; counts and the division fused),
-                  ``_map_bwd_kernel``   (per (b, D-block, HW-block): grad_features, written once)
-  launchers       ``_launch_fwd`` / ``_launch_bwd`` (strides, block sizes, grids, allocation)
+                  ``backward._map_bwd_kernel`` (per (b, D-block, HW-block): grad_features, written once)
+  launchers       ``_launch_fwd`` / ``backward._launch_bwd`` (strides, block sizes, grids, allocation)
   torch.library   ``rca_fast::map_fwd`` / ``rca_fast::map_bwd`` custom ops with fake tensors and
                   autograd, so ``torch.compile(fullgraph=True)`` traces through them
   provider        ``masked_average_pool`` (what ``rca_fast.ops`` dispatches to)
@@ -25,46 +25,22 @@ exactly as the reference decides it, so counts match the reference exactly.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch_rule import MAXNREG, autotune_requested
-from .precise_math import div_precise
+from ..launch_rule import MAXNREG, autotune_requested
+from ..precise_math import div_precise
+from .backward import _launch_bwd, _grad_features_like
+from .tiles import (check_int32_extent, config_kwargs, launch_device, pow2, present_arg, present_classes,
+                    slot_classes, slots_per_pass, walkable)
 
 __all__ = ["masked_average_pool"]
 
 
 # ----------------------------------------------------------------------------------- kernels
-@triton.jit
-def _present_classes(present_ptr, b, L, HAS_LABELS: tl.constexpr, LP: tl.constexpr):
-    """Present mask over the LP (>= L, power of two) class slots of image b, each present
-    class's rank among the present ones, and their number."""
-    cls_all = tl.arange(0, LP)
-    in_range = cls_all < L
-    if HAS_LABELS:
-        present = (tl.load(present_ptr + b * L + cls_all, mask=in_range, other=0) != 0) & in_range
-    else:
-        present = in_range
-    present_i = present.to(tl.int32)
-    rank = tl.cumsum(present_i, axis=0) - present_i  # exclusive prefix sum
-    return cls_all, present, rank, tl.sum(present_i, axis=0)
-
-
-@triton.jit
-def _slot_classes(cls_all, present, rank, n_present, first, SLOTS: tl.constexpr):
-    """Class held by each of the SLOTS slots of the chunk starting at present-rank ``first``
-    (slot s holds the present class of rank first + s) and whether the slot is used."""
-    slot_rank = first + tl.arange(0, SLOTS)
-    hit = present[None, :] & (rank[None, :] == slot_rank[:, None])          # [SLOTS, LP]
-    cls = tl.sum(tl.where(hit, cls_all[None, :], 0), axis=1)                # [SLOTS]
-    return cls, slot_rank < n_present
-
-
-# L, D and HW only bound masks and loops (the strides stay specialised): one binary for more shapes
 @triton.jit(do_not_specialize=["L", "D", "HW"])
 def _map_fwd_kernel(feat_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, emb_ptr,
                     L, D, HW,
@@ -88,7 +64,7 @@ def _map_fwd_kernel(feat_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, emb_pt
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    cls_all, present, rank, n_present = _present_classes(present_ptr, b, L, HAS_LABELS, LP)
+    cls_all, present, rank, n_present = present_classes(present_ptr, b, L, HAS_LABELS, LP)
     # absent classes: zero rows of emb (and zero mean/count), so no separate memset is needed
     absent = (cls_all < L) & (~present)
     tl.store(emb_ptr + b * s_eb + cls_all[:, None] * s_el + offs_d[None, :] * s_ed,
@@ -105,7 +81,7 @@ def _map_fwd_kernel(feat_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, emb_pt
     cam_base = cams_ptr + b * s_cb
     d_ok3 = d_ok[None, :, None]
     for first in range(0, n_present, SLOTS):
-        cls, used = _slot_classes(cls_all, present, rank, n_present, first, SLOTS)
+        cls, used = slot_classes(cls_all, present, rank, n_present, first, SLOTS)
         used3 = used[:, None, None]
         cam_rows = (cls * s_cl)[:, None, None]                                       # [SLOTS, 1, 1]
         cam_offs = cam_rows + (offs_hw * s_chw)[None, None, :]                       # [SLOTS, 1, HW]
@@ -146,117 +122,10 @@ def _map_fwd_kernel(feat_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, emb_pt
         tl.store(count_ptr + stats_ptrs, count.to(tl.int64), mask=stats_ok)
 
 
-@triton.jit(do_not_specialize=["L", "D", "HW"])
-def _map_bwd_kernel(grad_emb_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, grad_feat_ptr,
-                    L, D, HW,
-                    s_gb, s_gl, s_gd, s_cb, s_cl, s_chw, s_ob, s_od, s_ohw,
-                    HAS_LABELS: tl.constexpr, LP: tl.constexpr, SLOTS: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_HW: tl.constexpr, ACC_FP64: tl.constexpr):
-    """Program (D-block, HW-block, b): grad_features[b, D-block, HW-block] =
-    sum over present l of mask[b, l, hw] * grad_emb[b, l, d] / count[b, l]  (0 if count is 0).
-
-    The masks are rebuilt from the CAM and the saved float64 means; each output element is
-    written once, the features are not read.
-    """
-    pid_d = tl.program_id(0)
-    pid_hw = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    d0 = pid_d * BLOCK_D
-    hw0 = pid_hw * BLOCK_HW
-    d_ok = (d0 + tl.arange(0, BLOCK_D))[:, None] < D                              # [BLOCK_D, 1]
-    hw_ok = (hw0 + tl.arange(0, BLOCK_HW))[None, :] < HW                          # [1, BLOCK_HW]
-    cls_all, present, rank, n_present = _present_classes(present_ptr, b, L, HAS_LABELS, LP)
-    # 2-D operands throughout ([1, HW] masks, [BLOCK_D, 1] gradients) so they share the
-    # output tile's layout; int32 offsets from scalar base pointers
-    cam_offs = (tl.arange(0, BLOCK_HW) * s_chw)[None, :]
-    grad_offs = (tl.arange(0, BLOCK_D) * s_gd)[:, None]
-    cam_base = cams_ptr + b * s_cb + hw0.to(tl.int64) * s_chw
-    grad_base = grad_emb_ptr + b * s_gb + d0.to(tl.int64) * s_gd
-    out = tl.zeros([BLOCK_D, BLOCK_HW], dtype=acc_dtype)
-    slot_ids = tl.arange(0, SLOTS)
-    for first in range(0, n_present, SLOTS):
-        cls, used = _slot_classes(cls_all, present, rank, n_present, first, SLOTS)
-        for s in tl.static_range(SLOTS):
-            # one class at a time as scalars: the [BLOCK_D, BLOCK_HW] tile gets a rank-1 update
-            cls_s = tl.sum(tl.where(slot_ids == s, cls, 0), axis=0)
-            used_s = first + s < n_present
-            shift = tl.load(cams_ptr + b * s_cb + cls_s * s_cl, mask=used_s, other=0).to(tl.float64)
-            mean = tl.load(mean_ptr + b * L + cls_s, mask=used_s, other=0)
-            count = tl.load(count_ptr + b * L + cls_s, mask=used_s, other=0)
-            cam = tl.load(cam_base + cls_s * s_cl + cam_offs, mask=hw_ok & used_s, other=0)
-            inside = (((cam.to(tl.float64) - shift) > mean) & hw_ok & used_s).to(acc_dtype)
-            grad = tl.load(grad_base + cls_s * s_gl + grad_offs, mask=d_ok & used_s,
-                           other=0).to(acc_dtype)
-            # same operation as the reference (grad_emb / count); an empty mask gives 0
-            grad = tl.where(count > 0, div_precise(grad, tl.maximum(count, 1).to(acc_dtype)), 0.0)
-            out += grad * inside
-    out_base = grad_feat_ptr + b * s_ob + d0.to(tl.int64) * s_od + hw0.to(tl.int64) * s_ohw
-    out_offs = (tl.arange(0, BLOCK_D) * s_od)[:, None] + (tl.arange(0, BLOCK_HW) * s_ohw)[None, :]
-    tl.store(out_base + out_offs, out.to(grad_feat_ptr.dtype.element_ty), mask=d_ok & hw_ok)
-
 
 # --------------------------------------------------------------------------------- launchers
-def _merged_hw_strides(t: torch.Tensor) -> Optional[Tuple[int, int, int]]:
-    """(stride of dim 0, stride of dim 1, stride of the flattened H*W index) of a 4-D tensor,
-    or None when its H and W cannot be walked as one index (e.g. a spatial slice)."""
-    _, _, H, W = t.shape
-    s0, s1, sh, sw = t.stride()
-    if W == 1:
-        return s0, s1, sh
-    if H == 1 or sh == W * sw:  # contiguous (sw == 1) and channels-last (sw == D) both qualify
-        return s0, s1, sw
-    return None
-
-
-def _walkable(t: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
-    """``t`` (copied to contiguous only if its H, W cannot be merged) and its three strides."""
-    strides = _merged_hw_strides(t)
-    if strides is None:
-        t = t.contiguous()
-        strides = _merged_hw_strides(t)
-    return t, strides
-
-
-def _check_int32_extent(name: str, t: torch.Tensor, sizes, strides) -> None:
-    """The kernels index inside one image with int32 offsets (the image offset is int64)."""
-    extent = sum((n - 1) * abs(st) for n, st in zip(sizes, strides) if n > 0)
-    if extent >= 2 ** 31:
-        raise ValueError(f"masked_average_pool: one image of {name} spans {extent} elements "
-                         f"(shape {tuple(t.shape)}), more than the Triton kernels' int32 "
-                         f"offsets reach; use the torch backend (RCA_FAST_BACKEND=torch)")
-
-
-def _present_arg(labels: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
-    """Bool labels as a uint8 view (no copy when contiguous); any tensor when there are none
-    (the kernels never read it then)."""
-    if labels is None:
-        return fallback
-    return labels.contiguous().view(torch.uint8)
-
-
-def _launch_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one (tensors on cuda:1
-    while cuda:0 is current would otherwise be read by a kernel running on cuda:0)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def _slots(on_gpu: bool, has_labels: bool, L: int) -> int:
-    """Classes handled per pass over the features (a power of two)."""
-    if not on_gpu:  # the interpreter: 2 slots, so three present classes exercise the chunk
-        return 2 if L <= 8 else 8  # loop (8 with many classes: fewer interpreted passes)
-    # With labels, 1-3 classes are present per image in practice (VOC/COCO): 4 slots take them
-    # in one pass.  Without labels every class is present: 8 a pass bounds the accumulator.
-    return min(4 if has_labels else 8, _pow2(L))
-
-
 # Interpreter configurations: small tiles so the loops and ragged tails all run on tiny shapes.
 _INTERPRET_FWD = dict(BLOCK_D=16, BLOCK_HW=16, UNROLL=2, MEAN_HW=32, num_warps=4)
-_INTERPRET_BWD = dict(BLOCK_D=16, BLOCK_HW=32, num_warps=4)
 
 
 def _fwd_configs(slots: int, fp64: bool) -> list:
@@ -275,39 +144,18 @@ def _fwd_configs(slots: int, fp64: bool) -> list:
                                  maxnreg=MAXNREG)]
 
 
-def _bwd_configs(fp64: bool, slots: int = 4) -> list:
-    """GPU candidates for the backward (one output tile a program; stores dominate).  With 8 classes
-    a pass (no labels) the [16, 256] tile spilled 148-456 B (sm_90a): narrower tiles then."""
-    shapes = ((16, 128, 4), (16, 256, 4)) if slots <= 4 else ((8, 128, 4), (16, 128, 4))
-    if fp64:
-        shapes = ((16, 128, 4), (8, 256, 4), (16, 256, 8))
-    return [triton.Config(dict(BLOCK_D=d, BLOCK_HW=hw), num_warps=w, maxnreg=MAXNREG) for d, hw, w in shapes]
-
-
-def _config_kwargs(config: Optional[triton.Config], default: dict) -> dict:
-    """Launch keywords (block sizes and num_warps) of ``config``, or ``default``."""
-    if config is None:
-        return dict(default)
-    out = dict(config.kwargs, num_warps=config.num_warps)
-    if config.maxnreg:
-        out["maxnreg"] = config.maxnreg
-    return out
 
 
 _tuned: dict = {}
 
 
-def _tuned_kernel(kind: str, slots: int, fp64: bool):
-    """The autotuned wrapper of the forward/backward kernel for one (SLOTS, fp64) pair; the
-    best configuration is cached per (L, D, HW, labels, dtypes)."""
-    key = (kind, slots, fp64)
+def _tuned_kernel(slots: int, fp64: bool):
+    """The autotuned wrapper of the forward kernel for one (SLOTS, fp64) pair; the best
+    configuration is cached per (L, D, HW, labels, dtypes)."""
+    key = (slots, fp64)
     if key not in _tuned:
-        if kind == "fwd":
-            _tuned[key] = triton.autotune(_fwd_configs(slots, fp64),
-                                          key=["L", "D", "HW", "HAS_LABELS"])(_map_fwd_kernel)
-        else:
-            _tuned[key] = triton.autotune(_bwd_configs(fp64, slots),
-                                          key=["L", "D", "HW", "HAS_LABELS"])(_map_bwd_kernel)
+        _tuned[key] = triton.autotune(_fwd_configs(slots, fp64),
+                                      key=["L", "D", "HW", "HAS_LABELS"])(_map_fwd_kernel)
     return _tuned[key]
 
 
@@ -329,70 +177,29 @@ def _launch_fwd(features: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     if B * L == 0:
         return emb, count, mean
     on_gpu = features.device.type == "cuda"
-    features, (s_fb, s_fd, s_fhw) = _walkable(features)
-    cams, (s_cb, s_cl, s_chw) = _walkable(cams)
-    _check_int32_extent("features", features, (D, HW), (s_fd, s_fhw))
-    _check_int32_extent("cams", cams, (L, HW), (s_cl, s_chw))
-    present = _present_arg(labels, cams)
+    features, (s_fb, s_fd, s_fhw) = walkable(features)
+    cams, (s_cb, s_cl, s_chw) = walkable(cams)
+    check_int32_extent("features", features, (D, HW), (s_fd, s_fhw))
+    check_int32_extent("cams", cams, (L, HW), (s_cl, s_chw))
+    present = present_arg(labels, cams)
     has_labels = labels is not None
     fp64 = features.dtype == torch.float64
-    slots = slots or _slots(on_gpu, has_labels, L)
+    slots = slots or slots_per_pass(on_gpu, has_labels, L)
     args = (features, cams, present, mean, count, emb, L, D, HW,
             s_fb, s_fd, s_fhw, s_cb, s_cl, s_chw, *emb.stride())
-    meta = dict(HAS_LABELS=has_labels, LP=_pow2(L), SLOTS=slots, ACC_FP64=fp64)
+    meta = dict(HAS_LABELS=has_labels, LP=pow2(L), SLOTS=slots, ACC_FP64=fp64)
     # at least one D-block, so that mean and count are written even when D == 0
     grid = lambda m: (max(1, triton.cdiv(D, m["BLOCK_D"])), B)  # noqa: E731
-    with _launch_device(features.device):
+    with launch_device(features.device):
         if on_gpu and config is None and autotune_requested():
-            _tuned_kernel("fwd", slots, fp64)[grid](*args, **meta)
+            _tuned_kernel(slots, fp64)[grid](*args, **meta)
         else:
             if on_gpu and config is None:
                 config = _fwd_configs(slots, fp64)[0]      # the fixed rule (launch_rule.py)
-            cfg = _config_kwargs(config, _INTERPRET_FWD)
+            cfg = config_kwargs(config, _INTERPRET_FWD)
             _map_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
     return emb, count, mean
 
-
-def _grad_features_like(grad_emb: torch.Tensor, cams: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    B, _, D = grad_emb.shape
-    H, W = cams.shape[2:]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((B, D, H, W), dtype=grad_emb.dtype, device=grad_emb.device, memory_format=fmt)
-
-
-def _launch_bwd(grad_emb: torch.Tensor, cams: torch.Tensor, labels: Optional[torch.Tensor],
-                mean: torch.Tensor, count: torch.Tensor, channels_last: bool, *,
-                config: Optional[triton.Config] = None, slots: Optional[int] = None) -> torch.Tensor:
-    """grad_features (B, D, H, W) in grad_emb.dtype (the features' dtype), laid out like the
-    features were (contiguous or channels-last).  ``config``/``slots`` as in ``_launch_fwd``."""
-    grad_features = _grad_features_like(grad_emb, cams, channels_last)
-    B, L, D = grad_emb.shape
-    HW = cams.shape[2] * cams.shape[3]
-    if grad_features.numel() == 0:
-        return grad_features
-    if L == 0:
-        return grad_features.zero_()
-    on_gpu = grad_emb.device.type == "cuda"
-    cams, (s_cb, s_cl, s_chw) = _walkable(cams)
-    _, (s_ob, s_od, s_ohw) = _walkable(grad_features)  # both layouts above are walkable
-    _check_int32_extent("features", grad_features, (D, HW), (s_od, s_ohw))
-    present = _present_arg(labels, cams)
-    fp64 = grad_emb.dtype == torch.float64
-    has_labels = labels is not None
-    args = (grad_emb, cams, present, mean.contiguous(), count.contiguous(), grad_features, L, D, HW,
-            *grad_emb.stride(), s_cb, s_cl, s_chw, s_ob, s_od, s_ohw)
-    slots = slots or _slots(on_gpu, has_labels, L)
-    meta = dict(HAS_LABELS=has_labels, LP=_pow2(L), SLOTS=slots, ACC_FP64=fp64)
-    grid = lambda m: (triton.cdiv(D, m["BLOCK_D"]), triton.cdiv(HW, m["BLOCK_HW"]), B)  # noqa: E731
-    with _launch_device(grad_emb.device):
-        if on_gpu and config is None and autotune_requested():
-            _tuned_kernel("bwd", slots, fp64)[grid](*args, **meta)
-        else:
-            if on_gpu and config is None:
-                config = _bwd_configs(fp64, slots)[0]      # the fixed rule (launch_rule.py)
-            cfg = _config_kwargs(config, _INTERPRET_BWD)
-            _map_bwd_kernel[grid(cfg)](*args, **meta, **cfg)
-    return grad_features
 
 
 # ---------------------------------------------------------------------- torch.library ops

@@ -1,4 +1,4 @@
-"""Tile helpers shared by the bank-NCE forward (``nce.py``) and backward (``nce_bwd.py``) kernels.
+"""Tile helpers shared by the bank-NCE forward (``forward.py``) and backward (``backward.py``) kernels.
 
 The similarity of a block of query rows with a block of bank slots of one class,
 ``s[n, i] = <q_n, m_i> / (max(|q_n|, eps) * max(|m_i|, eps) * tau)``, is computed from the RAW

@@ -9,7 +9,7 @@ and with mixup a row's loss is ``w * NCE(q, t) + (1 - w) * NCE(q, mt)``.
 Forward, flash-style, never writing the N x (L*S) similarities:
   1. ``_nce_lse_kernel``: one program per (block of BLOCK_N rows, "unit" = one class's chunk of
      at most S_CHUNK slots).  It streams the unit's slots in [BLOCK_S, BLOCK_D] tiles, normalises
-     rows and slots on the fly (``nce_tile.sim_tile``), keeps the running max / sum of exp of
+     rows and slots on the fly (``tiles.sim_tile``), keeps the running max / sum of exp of
      s over the unit, and writes one logsumexp per (row, unit): an N x (L * chunks) buffer.  The
      similarities of a row with the slots of ITS target (and mix target) class are written as
      well (N x S floats each): that is the "second pass over the positive slots", done for free
@@ -19,10 +19,10 @@ Forward, flash-style, never writing the N x (L*S) similarities:
      exponentials, so they stay exact when the positive class dominates -- then the mean of
      softplus(G - s) over the positive slots, the mixup sum, and the per-row statistics the
      backward needs (G_t, A_t, G_mt, A_mt with A_c = mean_j sigmoid(G_c - s_cj)).
-Backward (``nce_bwd.py``) recomputes the tiles.  Extra device memory: N*(L*chunks + S (+ S))
+Backward (``backward.py``) recomputes the tiles.  Extra device memory: N*(L*chunks + S (+ S))
 floats, a few MB at N = 512, L = S = 1000.
 
-Layering: kernels -> launchers (``forward``; ``nce_bwd.backward``) -> torch.library custom ops
+Layering: kernels -> launchers (``forward``; ``backward.backward``) -> torch.library custom ops
 ``rca_fast::nce_fwd`` / ``rca_fast::nce_bwd`` (fake implementations, autograd) -> the provider
 ``bank_nce_loss`` (signature of ``rca_fast.ref.nce.bank_nce_loss``).  float64 inputs are routed to
 the reference (Triton's fp64 dot is not used here).
@@ -33,12 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_rule import MAXNREG, autotune_requested, launch_options
-from .nce_bwd import backward
-from .nce_tile import (DOT_NATIVE, DOT_SPLIT2_BF16, DOT_SPLIT_BF16, S_GRANULE_GPU, S_GRANULE_INTERPRET,
+from ..launch_rule import MAXNREG, autotune_requested, launch_options
+from .backward import backward
+from .tiles import (DOT_NATIVE, DOT_SPLIT2_BF16, DOT_SPLIT_BF16, S_GRANULE_GPU, S_GRANULE_INTERPRET,
                        cdiv, check_int32_offsets, dot_mode, is_interpret, launch_device, row_inv_norms,
                        sim_tile, split_units, target_programs)
-from .precise_math import exp_precise, log_precise
+from ..precise_math import exp_precise, log_precise
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -184,7 +184,7 @@ def _cfg(block_s, block_d, warps, stages):
                          maxnreg=MAXNREG)
 
 
-# Launchable configs of the forward tile kernel per dot scheme (``nce_tile.dot_acc``), each checked by
+# Launchable configs of the forward tile kernel per dot scheme (``tiles.dot_acc``), each checked by
 # the sm_90a compile check (no spills, shared memory within the limit; registers at BLOCK_N = 64,
 # D = 512, Triton 3.8).  The FIRST entry is the fixed rule's choice; the others are what
 # RCA_FAST_AUTOTUNE=1 times.  128-wide slot or D tiles spill whenever one side is fp32 (tf32x3 and the

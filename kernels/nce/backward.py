@@ -1,4 +1,4 @@
-"""Backward of the bank NCE (``nce.py``): d loss / d query by recomputing the similarity tiles.
+"""Backward of the bank NCE (``forward.py``): d loss / d query by recomputing the similarity tiles.
 
 With g_n the upstream gradient of row n's loss, w its mixup weight (1 without mixup), t / mt its
 classes, G_c and A_c = mean_j sigmoid(G_c - s_cj) the forward's per-row statistics, the gradient
@@ -27,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_rule import MAXNREG, autotune_requested, launch_options
-from .nce_tile import (DOT_F32X3, NORM_EPS, S_GRANULE_GPU, S_GRANULE_INTERPRET, cdiv, check_int32_offsets,
+from ..launch_rule import MAXNREG, autotune_requested, launch_options
+from .tiles import (DOT_F32X3, NORM_EPS, S_GRANULE_GPU, S_GRANULE_INTERPRET, cdiv, check_int32_offsets,
                        dot_acc, dot_mode, is_interpret, launch_device, row_inv_norms, sim_tile,
                        split_units, target_programs)
-from .precise_math import exp_precise
+from ..precise_math import exp_precise
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _class_term(delta, s, cls, row_cls, g_c, pos_coef, neg_coef):
                             neg_coef[:, None] * exp_precise(tl.minimum(s - g_c[:, None], 0.0)))
 
 
-# N (changes every step) and the grid bookkeeping are not specialised on: see nce.py
+# N (changes every step) and the grid bookkeeping are not specialised on: see forward.py
 @triton.jit(do_not_specialize=["N", "S", "n_row_blocks", "n_dv_blocks", "n_chunks", "n_units",
                                "units_per_split"])
 def _nce_bwd_kernel(q_ptr, m_ptr, t_ptr, mt_ptr, w_ptr, stats_ptr, g_ptr, v_part_ptr, c_part_ptr,

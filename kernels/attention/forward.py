@@ -11,7 +11,7 @@ output tile and, once per row block, ``lse = max + log(sum)`` (M,) for the backw
 narrower than Dv the scores are recomputed per tile; the autotuner weighs that against the register
 cost of a wide accumulator.
 
-Backward (``kernels/attention_bwd.py``), three launches:
+Backward (``kernels/attention/backward.py``), three launches:
   1. one program per row block: ``delta = rowsum(dO * O)``, then per P block ``p = exp(s - lse)``,
      ``dp = dO @ v.T`` and ``ds = scale * p * (dp - delta)``, written as ``probs`` and ``dscores``
      (M, P) in the input dtype.  In RCA P (= L*K = 200) is small next to D (512), so these two
@@ -38,12 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_bwd import attention_backward
-from .attention_tile import (INTERPRET, acc_dtype, autotuned, cast_rne, contract_rows, dot_acc,
+from .backward import attention_backward
+from .tiles import (INTERPRET, acc_dtype, autotuned, cast_rne, contract_rows, dot_acc,
                              fixed_launch, kernel_meta, on_device, precision_family, scale_scores,
                              split_scale)
-from .launch_rule import MAXNREG, autotune_requested
-from .precise_math import div_precise, exp_precise, log_precise
+from ..launch_rule import MAXNREG, autotune_requested
+from ..precise_math import div_precise, exp_precise, log_precise
 
 # Fixed small blocks for the interpreter: several D chunks, Dv tiles and P blocks already at the
 # test shapes (D=60, P=37), so every masking and looping path runs on the CPU.
