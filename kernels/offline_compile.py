@@ -38,6 +38,7 @@ class Job:
     args: Tuple[Any, ...]
     kwargs: Dict[str, Any] = field(default_factory=dict)
     launchable: bool = True           # False: compiled for the table only, never launched
+    fixed: bool = False               # the fixed rule's choice of some launch (headroom rule)
 
 
 def _resolve(spec: str):

@@ -107,7 +107,7 @@ def test_compile_check_covers_every_config_the_rule_picks(mode, shape_name):
         for has_labels in (True, False):
             slots = kmap_tiles.slots_per_pass(True, has_labels, shape["L"])
             c = kmap._fwd_configs(slots, False)[0]
-            assert has("map_fwd", dict(c.kwargs, num_warps=c.num_warps, maxnreg=c.maxnreg))
+            assert has("map_fwd", dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg))
 
 
 def test_no_launchable_config_list_holds_the_spilling_tiles():
@@ -182,13 +182,13 @@ def test_compile_check_compiles_the_tf32_attention_an_fp32_launch_can_take(monke
     instructions and registers than the IEEE dots, so the compile check must compile them too."""
     from rca_fast.kernels.attention import tiles as attention_tile
     from rca_fast.profile.compile_mode import _shape
-    monkeypatch.setattr(attention_tile, "INTERPRET", False)          # as on a GPU
     # not monkeypatch.setattr: allow_tf32 is a property of torch's cuBLAS module object, and
     # monkeypatch's undo may try to delete it (an AttributeError at teardown in a fresh venv)
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        picked = attention_tile.kernel_meta(torch.float32)["PRECISION"]
+        with launch_rule.capturing(132):                               # compiled, as on a GPU
+            picked = attention_tile.kernel_meta(torch.float32, torch.device("cuda"))["PRECISION"]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert picked == "tf32"

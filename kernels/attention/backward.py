@@ -20,10 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (INTERPRET, acc_dtype, autotuned, cast_rne, contract_rows, dot_acc,
-                             fixed_launch, kernel_meta, num_sms, on_device, precision_family,
-                             scale_scores, split_scale)
-from ..launch_rule import MAXNREG, autotune_requested
+from .tiles import (TUNE_KEY, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc, fixed_launch,
+                    kernel_meta, precision_family, scale_scores, split_scale)
+from ..launch_rule import MAXNREG, LaunchPlan, as_config, dtype_label, interpreting, launch, sm_count
 from ..precise_math import exp_precise
 
 INTERPRET_BWD_BLOCKS = dict(
@@ -198,11 +197,6 @@ SCORES_CONFIGS = {
     "fp32": [_cfg(32, 32, 32, 32, 8, 2), _cfg(32, 32, 16, 16, 4, 2)],     # 190 and 168 registers
 }
 SCORES_CAPS = {"BLOCK_P": "P", "BLOCK_D": "D", "BLOCK_DV": "DV"}
-_tuned_scores: dict = {}
-
-
-def _scores_tuned(family: str):
-    return autotuned(_tuned_scores, family, SCORES_CONFIGS, SCORES_CAPS, _attn_bwd_scores_kernel)
 
 
 def bwd_launch_blocks(dtype: torch.dtype, P: int, D: int, DV: int) -> dict:
@@ -215,7 +209,7 @@ def bwd_launch_blocks(dtype: torch.dtype, P: int, D: int, DV: int) -> dict:
 def row_splits(M: int, reduce_tiles: int, block_m: int, device: torch.device) -> Tuple[int, int]:
     """(splits, rows_per_split) for dk/dv: about four programs per SM in all, each summing at least
     four row blocks (fewer partials for small M).  Depends only on shapes and the device."""
-    want = max(1, triton.cdiv(4 * num_sms(device), reduce_tiles))
+    want = max(1, triton.cdiv(4 * sm_count(device, 32), reduce_tiles))
     splits = max(1, min(want, triton.cdiv(M, 4 * block_m)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     return triton.cdiv(M, rows_per_split), rows_per_split
@@ -233,31 +227,31 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if M == 0 or DV == 0:          # out is empty or independent of everything: zero gradients
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     hi, lo = split_scale(scale)
-    meta = kernel_meta(q.dtype)
-    if blocks is None and (INTERPRET or q.device.type != "cuda"):
+    if blocks is None and interpreting(q.device):
         blocks = INTERPRET_BWD_BLOCKS
-    elif blocks is None and not autotune_requested():
-        blocks = bwd_launch_blocks(q.dtype, P, D, DV)
-
-    with on_device(q.device):
-        return _launch_backward(grad_out, q, k, v, out, lse, hi, lo, meta, blocks)
+    return _launch_backward(grad_out, q, k, v, out, lse, hi, lo, kernel_meta(q.dtype, q.device), blocks)
 
 
 def _launch_backward(grad_out, q, k, v, out, lse, hi, lo, meta, blocks):
-    """The three launches of the backward (contiguous inputs, M > 0 and Dv > 0)."""
+    """The three launches of the backward (contiguous inputs, M > 0 and Dv > 0); ``blocks`` None:
+    the fixed rule (GPU)."""
     M, D = q.shape
     P, DV = v.shape
     ldp = padded_cols(P)
     probs = torch.empty((M, ldp), dtype=q.dtype, device=q.device)
     dscores = torch.empty_like(probs)
     args = (q, k, v, out, grad_out, lse, probs, dscores, M, P, D, DV, ldp, hi, lo)
+    family, dtypes = precision_family(q.dtype), dtype_label(q)
+    candidates = ()
     if blocks is None:
-        _scores_tuned(precision_family(q.dtype))[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]),)](*args, **meta)
+        candidates = clamp_configs(SCORES_CONFIGS[family], dict(P=P, D=D, DV=DV), SCORES_CAPS)
+        fixed = candidates[0]
     else:
-        _attn_bwd_scores_kernel[(triton.cdiv(M, blocks["scores"]["BLOCK_M"]),)](
-            *args, **meta, **blocks["scores"])
+        fixed = as_config(blocks["scores"])
+    launch(LaunchPlan("attn_bwd_scores", _attn_bwd_scores_kernel, lambda m: (triton.cdiv(M, m["BLOCK_M"]),),
+                      args, meta, fixed, q.device, dtypes, candidates, TUNE_KEY))
 
-    grads_cfg = dict(GPU_GRADS_BLOCKS[precision_family(q.dtype)] if blocks is None else blocks["grads"])
+    grads_cfg = dict(GPU_GRADS_BLOCKS[family] if blocks is None else blocks["grads"])
     n_p_tiles = triton.cdiv(P, grads_cfg["BLOCK_P_R"])
     reduce_tiles = n_p_tiles * (triton.cdiv(D, grads_cfg["BLOCK_N_R"]) + triton.cdiv(DV, grads_cfg["BLOCK_N_R"]))
     if "splits" in grads_cfg:      # tests: force several (ragged) row ranges at small M
@@ -269,11 +263,13 @@ def _launch_backward(grad_out, q, k, v, out, lse, hi, lo, meta, blocks):
     dq_tiles = triton.cdiv(M, grads_cfg["BLOCK_M_Q"]) * triton.cdiv(D, grads_cfg["BLOCK_N_Q"])
     dq = torch.empty_like(q)
     part = torch.empty((splits, P, D + DV), dtype=acc_dtype(q.dtype), device=q.device)
-    _attn_bwd_grads_kernel[(dq_tiles + splits * reduce_tiles,)](
-        dscores, probs, q, k, grad_out, dq, part, M, P, D, DV, ldp, rows_per_split, **meta, **grads_cfg)
+    launch(LaunchPlan("attn_bwd_grads", _attn_bwd_grads_kernel, lambda m: (dq_tiles + splits * reduce_tiles,),
+                      (dscores, probs, q, k, grad_out, dq, part, M, P, D, DV, ldp, rows_per_split), meta,
+                      as_config(grads_cfg), q.device, dtypes))
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    _sum_splits_kernel[(triton.cdiv(P * (D + DV), SUM_BLOCK),)](
-        part, dk, dv, splits, P, D, DV, INTERP_BF16=meta["INTERP_BF16"], BLOCK=SUM_BLOCK)
+    launch(LaunchPlan("attn_sum_splits", _sum_splits_kernel, lambda m: (triton.cdiv(P * (D + DV), SUM_BLOCK),),
+                      (part, dk, dv, splits, P, D, DV), dict(INTERP_BF16=meta["INTERP_BF16"]),
+                      triton.Config(dict(BLOCK=SUM_BLOCK), maxnreg=MAXNREG), q.device, dtypes))
     return dq, dk, dv

@@ -39,10 +39,9 @@ import triton
 import triton.language as tl
 
 from .backward import attention_backward
-from .tiles import (INTERPRET, acc_dtype, autotuned, cast_rne, contract_rows, dot_acc,
-                             fixed_launch, kernel_meta, on_device, precision_family, scale_scores,
-                             split_scale)
-from ..launch_rule import MAXNREG, autotune_requested
+from .tiles import (TUNE_KEY, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc, fixed_launch,
+                    kernel_meta, precision_family, scale_scores, split_scale)
+from ..launch_rule import MAXNREG, LaunchPlan, as_config, dtype_label, interpreting, launch
 from ..precise_math import div_precise, exp_precise, log_precise
 
 # Fixed small blocks for the interpreter: several D chunks, Dv tiles and P blocks already at the
@@ -122,11 +121,6 @@ FWD_CONFIGS = {
     "fp32": [_cfg(32, 32, 32, 64, 8, 2), _cfg(32, 64, 32, 64, 8, 2)],
 }
 FWD_CAPS = {"BLOCK_DV": "DV", "BLOCK_D": "D", "BLOCK_P": "P"}
-_tuned_fwd: dict = {}
-
-
-def _fwd_tuned(family: str):
-    return autotuned(_tuned_fwd, family, FWD_CONFIGS, FWD_CAPS, _attn_fwd_kernel)
 
 
 def fwd_launch_blocks(dtype: torch.dtype, P: int, D: int, DV: int) -> dict:
@@ -151,20 +145,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         return out, torch.zeros((M,), dtype=acc_dtype(q.dtype), device=q.device)
     lse = torch.empty((M,), dtype=acc_dtype(q.dtype), device=q.device)
     hi, lo = split_scale(scale)
-    args = (q, k, v, out, lse, M, P, D, DV, hi, lo)
-    meta = kernel_meta(q.dtype)
-    if blocks is None and (INTERPRET or q.device.type != "cuda"):
-        blocks = INTERPRET_FWD_BLOCKS
-    elif blocks is None and not autotune_requested():
-        blocks = fwd_launch_blocks(q.dtype, P, D, DV)
-    with on_device(q.device):
-        if blocks is not None:
-            grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(DV, blocks["BLOCK_DV"]),)
-            _attn_fwd_kernel[grid](*args, **meta, **blocks)
-        else:
-            def grid(cfg):
-                return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(DV, cfg["BLOCK_DV"]),)
-            _fwd_tuned(precision_family(q.dtype))[grid](*args, **meta)
+    candidates = ()
+    if blocks is not None:
+        fixed = as_config(blocks)
+    elif interpreting(q.device):
+        fixed = triton.Config(INTERPRET_FWD_BLOCKS)
+    else:
+        candidates = clamp_configs(FWD_CONFIGS[precision_family(q.dtype)], dict(P=P, D=D, DV=DV), FWD_CAPS)
+        fixed = candidates[0]
+    launch(LaunchPlan("attn_fwd", _attn_fwd_kernel,
+                      lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(DV, m["BLOCK_DV"]),),
+                      (q, k, v, out, lse, M, P, D, DV, hi, lo), kernel_meta(q.dtype, q.device), fixed, q.device,
+                      dtype_label(q), candidates, TUNE_KEY))
     return out, lse
 
 
@@ -224,7 +216,7 @@ def prototype_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     w.r.t. all three.  ``scale`` defaults to 1/sqrt(D)."""
     B, N, D = query.shape
     scale = D ** -0.5 if scale is None else float(scale)
-    if query.dtype == torch.float64 and query.device.type == "cuda" and not INTERPRET:
+    if query.dtype == torch.float64 and not interpreting(query.device):
         # fp64 tiles spill or exceed shared memory on sm_90 (and fp64 is no training dtype): the
         # reference.  The interpreter keeps running the kernels in fp64: the CPU tests' exact oracle.
         from rca_fast.ref.attention import prototype_attention as reference

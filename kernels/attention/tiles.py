@@ -5,9 +5,6 @@ clamping, and the @triton.jit tile functions (dot, rounding cast, chunked row co
 This is their one home (as ``kernels/nce/tiles.py`` is for the NCE kernels): the two kernel files import
 from here and not from each other.
 """
-import contextlib
-import functools
-import os
 import struct
 from typing import Dict, Tuple
 
@@ -15,9 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import launch_options
+from ..launch_rule import interpreting, launch_options
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TUNE_KEY = ["P", "D", "DV", "PRECISION"]     # the autotuner's key (RCA_FAST_AUTOTUNE=1)
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / softmax dtype for inputs of ``dtype``."""
@@ -34,10 +32,10 @@ def tl_acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     """IEEE fp32 products unless torch itself is allowed TF32 for fp32 matmuls (then the reference
     is TF32 too); the setting only matters for fp32 operands."""
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not interpreting(device) and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -51,30 +49,10 @@ def split_scale(scale: float) -> Tuple[float, float]:
     return hi, lo
 
 
-def kernel_meta(dtype: torch.dtype) -> dict:
+def kernel_meta(dtype: torch.dtype, device: torch.device) -> dict:
     """The dtype-dependent constexprs every kernel here takes."""
-    return dict(ACC_DTYPE=tl_acc_dtype(dtype), PRECISION=dot_precision(dtype),
-                INTERP_BF16=INTERPRET and dtype == torch.bfloat16)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (32 for the interpreter: several row splits already
-    at the small test shapes)."""
-    if device.type == "cuda" and not INTERPRET:
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 32
-
-
-def on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one (no-op on CPU)."""
-    if device.type == "cuda" and not INTERPRET:
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return dict(ACC_DTYPE=tl_acc_dtype(dtype), PRECISION=dot_precision(dtype, device),
+                INTERP_BF16=interpreting(device) and dtype == torch.bfloat16)
 
 
 def fixed_launch(config, sizes: Dict[str, int], caps: Dict[str, str]) -> dict:
@@ -83,21 +61,8 @@ def fixed_launch(config, sizes: Dict[str, int], caps: Dict[str, str]) -> dict:
     return dict(cfg.kwargs, **launch_options(cfg))
 
 
-def autotuned(cache: dict, family: str, configs: dict, caps: Dict[str, str], kernel):
-    """``kernel`` under ``triton.autotune`` over ``configs[family]`` (blocks clamped to the shapes by
-    ``clamp_configs``), built once per precision family and kept in ``cache``; only used with
-    RCA_FAST_AUTOTUNE=1 (the fixed rule launches one config otherwise)."""
-    if family not in cache:
-        cache[family] = triton.autotune(
-            configs=configs[family], key=["P", "D", "DV", "PRECISION"],
-            prune_configs_by={"early_config_prune":
-                              lambda cfgs, named_args, **kw: clamp_configs(cfgs, named_args, caps)},
-        )(kernel)
-    return cache[family]
-
-
 def clamp_configs(configs, named_args, caps: Dict[str, str]):
-    """Autotune pruning: shrink each config's blocks named in ``caps`` (block -> size argument) to
+    """Shrink each config's blocks named in ``caps`` (block -> size argument) to
     the padded size they tile, and drop the duplicates this makes (a 512-wide Dv tile for Dv=44
     would only compute padding)."""
     seen, kept = set(), []

@@ -8,10 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import MAXNREG, autotune_requested
+from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch
 from ..precise_math import div_precise
-from .tiles import (check_int32_extent, config_kwargs, launch_device, pow2, present_arg, present_classes,
-                    slot_classes, slots_per_pass, walkable)
+from .tiles import (TUNE_KEY, check_int32_extent, pow2, present_arg, present_classes, slot_classes,
+                    slots_per_pass, walkable)
 
 
 @triton.jit(do_not_specialize=["L", "D", "HW"])
@@ -64,7 +64,7 @@ def _map_bwd_kernel(grad_emb_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, gr
     tl.store(out_base + out_offs, out.to(grad_feat_ptr.dtype.element_ty), mask=d_ok & hw_ok)
 
 
-_INTERPRET_BWD = dict(BLOCK_D=16, BLOCK_HW=32, num_warps=4)
+_INTERPRET_BWD = triton.Config(dict(BLOCK_D=16, BLOCK_HW=32), num_warps=4)
 
 
 def _bwd_configs(fp64: bool, slots: int = 4) -> list:
@@ -75,17 +75,6 @@ def _bwd_configs(fp64: bool, slots: int = 4) -> list:
         shapes = ((16, 128, 4), (8, 256, 4), (16, 256, 8))
     return [triton.Config(dict(BLOCK_D=d, BLOCK_HW=hw), num_warps=w, maxnreg=MAXNREG) for d, hw, w in shapes]
 
-
-_tuned: dict = {}
-
-
-def _tuned_kernel(slots: int, fp64: bool):
-    """The autotuned wrapper of the backward kernel for one (SLOTS, fp64) pair."""
-    key = (slots, fp64)
-    if key not in _tuned:
-        _tuned[key] = triton.autotune(_bwd_configs(fp64, slots),
-                                      key=["L", "D", "HW", "HAS_LABELS"])(_map_bwd_kernel)
-    return _tuned[key]
 
 
 def _grad_features_like(grad_emb: torch.Tensor, cams: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -107,7 +96,7 @@ def _launch_bwd(grad_emb: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
         return grad_features
     if L == 0:
         return grad_features.zero_()
-    on_gpu = grad_emb.device.type == "cuda"
+    on_gpu = not interpreting(grad_emb.device)
     cams, (s_cb, s_cl, s_chw) = walkable(cams)
     _, (s_ob, s_od, s_ohw) = walkable(grad_features)  # both layouts above are walkable
     check_int32_extent("features", grad_features, (D, HW), (s_od, s_ohw))
@@ -118,14 +107,10 @@ def _launch_bwd(grad_emb: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
             *grad_emb.stride(), s_cb, s_cl, s_chw, s_ob, s_od, s_ohw)
     slots = slots or slots_per_pass(on_gpu, has_labels, L)
     meta = dict(HAS_LABELS=has_labels, LP=pow2(L), SLOTS=slots, ACC_FP64=fp64)
-    grid = lambda m: (triton.cdiv(D, m["BLOCK_D"]), triton.cdiv(HW, m["BLOCK_HW"]), B)  # noqa: E731
-    with launch_device(grad_emb.device):
-        if on_gpu and config is None and autotune_requested():
-            _tuned_kernel(slots, fp64)[grid](*args, **meta)
-        else:
-            if on_gpu and config is None:
-                config = _bwd_configs(fp64, slots)[0]      # the fixed rule (launch_rule.py)
-            cfg = config_kwargs(config, _INTERPRET_BWD)
-            _map_bwd_kernel[grid(cfg)](*args, **meta, **cfg)
+    candidates = _bwd_configs(fp64, slots) if on_gpu and config is None else ()
+    fixed = config or (candidates[0] if on_gpu else _INTERPRET_BWD)
+    launch(LaunchPlan("map_bwd", _map_bwd_kernel,
+                      lambda m: (triton.cdiv(D, m["BLOCK_D"]), triton.cdiv(HW, m["BLOCK_HW"]), B), args, meta,
+                      fixed, grad_emb.device, dtype_label(grad_emb, cams), candidates, TUNE_KEY))
     return grad_features
 

@@ -31,11 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import MAXNREG, autotune_requested
+from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch
 from ..precise_math import div_precise
 from .backward import _launch_bwd, _grad_features_like
-from .tiles import (check_int32_extent, config_kwargs, launch_device, pow2, present_arg, present_classes,
-                    slot_classes, slots_per_pass, walkable)
+from .tiles import (TUNE_KEY, check_int32_extent, pow2, present_arg, present_classes, slot_classes,
+                    slots_per_pass, walkable)
 
 __all__ = ["masked_average_pool"]
 
@@ -125,7 +125,7 @@ def _map_fwd_kernel(feat_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, emb_pt
 
 # --------------------------------------------------------------------------------- launchers
 # Interpreter configurations: small tiles so the loops and ragged tails all run on tiny shapes.
-_INTERPRET_FWD = dict(BLOCK_D=16, BLOCK_HW=16, UNROLL=2, MEAN_HW=32, num_warps=4)
+_INTERPRET_FWD = triton.Config(dict(BLOCK_D=16, BLOCK_HW=16, UNROLL=2, MEAN_HW=32), num_warps=4)
 
 
 def _fwd_configs(slots: int, fp64: bool) -> list:
@@ -146,19 +146,6 @@ def _fwd_configs(slots: int, fp64: bool) -> list:
 
 
 
-_tuned: dict = {}
-
-
-def _tuned_kernel(slots: int, fp64: bool):
-    """The autotuned wrapper of the forward kernel for one (SLOTS, fp64) pair; the best
-    configuration is cached per (L, D, HW, labels, dtypes)."""
-    key = (slots, fp64)
-    if key not in _tuned:
-        _tuned[key] = triton.autotune(_fwd_configs(slots, fp64),
-                                      key=["L", "D", "HW", "HAS_LABELS"])(_map_fwd_kernel)
-    return _tuned[key]
-
-
 def _launch_fwd(features: torch.Tensor, cams: torch.Tensor, labels: Optional[torch.Tensor], *,
                 config: Optional[triton.Config] = None,
                 slots: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,7 +163,7 @@ def _launch_fwd(features: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     mean = torch.empty((B, L), dtype=torch.float64, device=features.device)
     if B * L == 0:
         return emb, count, mean
-    on_gpu = features.device.type == "cuda"
+    on_gpu = not interpreting(features.device)
     features, (s_fb, s_fd, s_fhw) = walkable(features)
     cams, (s_cb, s_cl, s_chw) = walkable(cams)
     check_int32_extent("features", features, (D, HW), (s_fd, s_fhw))
@@ -188,16 +175,11 @@ def _launch_fwd(features: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     args = (features, cams, present, mean, count, emb, L, D, HW,
             s_fb, s_fd, s_fhw, s_cb, s_cl, s_chw, *emb.stride())
     meta = dict(HAS_LABELS=has_labels, LP=pow2(L), SLOTS=slots, ACC_FP64=fp64)
+    candidates = _fwd_configs(slots, fp64) if on_gpu and config is None else ()
+    fixed = config or (candidates[0] if on_gpu else _INTERPRET_FWD)
     # at least one D-block, so that mean and count are written even when D == 0
-    grid = lambda m: (max(1, triton.cdiv(D, m["BLOCK_D"])), B)  # noqa: E731
-    with launch_device(features.device):
-        if on_gpu and config is None and autotune_requested():
-            _tuned_kernel(slots, fp64)[grid](*args, **meta)
-        else:
-            if on_gpu and config is None:
-                config = _fwd_configs(slots, fp64)[0]      # the fixed rule (launch_rule.py)
-            cfg = config_kwargs(config, _INTERPRET_FWD)
-            _map_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
+    launch(LaunchPlan("map_fwd", _map_fwd_kernel, lambda m: (max(1, triton.cdiv(D, m["BLOCK_D"])), B), args,
+                      meta, fixed, features.device, dtype_label(features, cams), candidates, TUNE_KEY))
     return emb, count, mean
 
 

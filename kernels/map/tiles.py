@@ -3,12 +3,14 @@
 walking, the int32 guard, and the classes-per-pass rule (``slots``)."""
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+# the autotuner's key (RCA_FAST_AUTOTUNE=1): the best config is kept per (L, D, HW, labels, dtypes)
+TUNE_KEY = ["L", "D", "HW", "HAS_LABELS"]
 
 
 @triton.jit
@@ -75,12 +77,6 @@ def present_arg(labels: Optional[torch.Tensor], fallback: torch.Tensor) -> torch
     return labels.contiguous().view(torch.uint8)
 
 
-def launch_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one (tensors on cuda:1
-    while cuda:0 is current would otherwise be read by a kernel running on cuda:0)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -92,16 +88,3 @@ def slots_per_pass(on_gpu: bool, has_labels: bool, L: int) -> int:
     # With labels, 1-3 classes are present per image in practice (VOC/COCO): 4 slots take them
     # in one pass.  Without labels every class is present: 8 a pass bounds the accumulator.
     return min(4 if has_labels else 8, pow2(L))
-
-
-
-
-def config_kwargs(config: Optional[triton.Config], default: dict) -> dict:
-    """Launch keywords (block sizes and num_warps) of ``config``, or ``default``."""
-    if config is None:
-        return dict(default)
-    out = dict(config.kwargs, num_warps=config.num_warps)
-    if config.maxnreg:
-        out["maxnreg"] = config.maxnreg
-    return out
-

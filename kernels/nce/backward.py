@@ -27,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import MAXNREG, autotune_requested, launch_options
+from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch, launch_options, sm_count
 from .tiles import (DOT_F32X3, NORM_EPS, S_GRANULE_GPU, S_GRANULE_INTERPRET, cdiv, check_int32_offsets,
-                       dot_acc, dot_mode, is_interpret, launch_device, row_inv_norms, sim_tile,
-                       split_units, target_programs)
+                    dot_acc, dot_mode, row_inv_norms, sim_tile, split_units)
 from ..precise_math import exp_precise
 
 
@@ -135,20 +134,12 @@ BWD_CONFIGS = {
     "f32x3": [_cfg(16, 32, 8, 2), _cfg(32, 16, 8, 2)],
 }
 BWD_BLOCK_DV = {"split": 128, "f32x3": 64}
-_INTERPRET_BWD_CONFIG = dict(BLOCK_S=16, BLOCK_D=32)
-_tuned_bwd: dict = {}
+_INTERPRET_BWD_CONFIG = triton.Config(dict(BLOCK_S=16, BLOCK_D=32))
+BWD_TUNE_KEY = ["BLOCK_N", "BLOCK_DV", "D", "S", "MODE", "VMODE", "HAS_MIX"]
 
 
 def bwd_family(bank_dtype: torch.dtype) -> str:
     return "f32x3" if dot_mode(torch.float32, bank_dtype) == DOT_F32X3 else "split"
-
-
-def _bwd_tuned(family: str):
-    if family not in _tuned_bwd:
-        _tuned_bwd[family] = triton.autotune(
-            configs=BWD_CONFIGS[family],
-            key=["BLOCK_N", "BLOCK_DV", "D", "S", "MODE", "VMODE", "HAS_MIX"])(_nce_bwd_kernel)
-    return _tuned_bwd[family]
 
 
 def bwd_blocks(N: int, D: int, bank_dtype: torch.dtype, interpret: bool):
@@ -176,12 +167,12 @@ def backward(grad_rows: torch.Tensor, query: torch.Tensor, bank: torch.Tensor,
     dev = query.device
     if N == 0:
         return torch.zeros_like(query, memory_format=torch.contiguous_format)
-    interpret = is_interpret()
+    interpret = interpreting(dev)
     has_mix = mix_target is not None
     block_n, block_dv = bwd_blocks(N, D, bank.dtype, interpret)
     n_row_blocks, n_dv_blocks = cdiv(N, block_n), cdiv(D, block_dv)
     outer = n_row_blocks * n_dv_blocks
-    wanted = target_programs(dev)
+    wanted = 2 * sm_count(dev, 4)
     granule = S_GRANULE_INTERPRET if interpret else S_GRANULE_GPU
     s_chunk, n_chunks = split_units(S, L, outer, wanted, granule)
     n_units = L * n_chunks
@@ -194,22 +185,18 @@ def backward(grad_rows: torch.Tensor, query: torch.Tensor, bank: torch.Tensor,
     v_part = torch.empty(n_splits, N, D, dtype=torch.float32, device=dev)
     c_part = torch.empty(n_splits, N, dtype=torch.float32, device=dev)
     g = grad_rows.to(torch.float32).contiguous()
-    if interpret:
-        kernel, config = _nce_bwd_kernel, _INTERPRET_BWD_CONFIG
-    elif autotune_requested():
-        kernel, config = _bwd_tuned(bwd_family(bank.dtype)), {}
-    else:
-        kernel, config = _nce_bwd_kernel, bwd_launch_config(bank.dtype)
-    with launch_device(dev):
-        kernel[(outer * n_splits,)](
-            query, bank, target, mix_target if has_mix else target,
-            mix_weight if has_mix else g, stats, g, v_part, c_part,
-            N, S, D, n_row_blocks, n_dv_blocks, n_chunks, n_units, units_per_split, s_chunk,
-            1.0 / temperature,
-            query.stride(0), query.stride(1), bank.stride(0), bank.stride(1), bank.stride(2),
-            HAS_MIX=has_mix, MODE=dot_mode(query.dtype, bank.dtype),
-            VMODE=dot_mode(torch.float32, bank.dtype), INTERPRET=interpret,
-            BLOCK_N=block_n, BLOCK_DV=block_dv, **config)
+    candidates = () if interpret else BWD_CONFIGS[bwd_family(bank.dtype)]
+    launch(LaunchPlan(
+        "nce_bwd", _nce_bwd_kernel, lambda meta: (outer * n_splits,),
+        (query, bank, target, mix_target if has_mix else target,
+         mix_weight if has_mix else g, stats, g, v_part, c_part,
+         N, S, D, n_row_blocks, n_dv_blocks, n_chunks, n_units, units_per_split, s_chunk,
+         1.0 / temperature,
+         query.stride(0), query.stride(1), bank.stride(0), bank.stride(1), bank.stride(2)),
+        dict(HAS_MIX=has_mix, MODE=dot_mode(query.dtype, bank.dtype), VMODE=dot_mode(torch.float32, bank.dtype),
+             INTERPRET=interpret, BLOCK_N=block_n, BLOCK_DV=block_dv),
+        _INTERPRET_BWD_CONFIG if interpret else candidates[0], dev, dtype_label(query, bank),
+        candidates, BWD_TUNE_KEY))
     v = v_part.sum(0)
     c = c_part.sum(0).unsqueeze(1)
     # chain through qn = q / max(|q|, eps) (N x D elementwise work: small next to the kernel)

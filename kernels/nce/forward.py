@@ -33,11 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import MAXNREG, autotune_requested, launch_options
+from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch, launch_options, sm_count
 from .backward import backward
 from .tiles import (DOT_NATIVE, DOT_SPLIT2_BF16, DOT_SPLIT_BF16, S_GRANULE_GPU, S_GRANULE_INTERPRET,
-                       cdiv, check_int32_offsets, dot_mode, is_interpret, launch_device, row_inv_norms,
-                       sim_tile, split_units, target_programs)
+                    cdiv, check_int32_offsets, dot_mode, row_inv_norms, sim_tile, split_units)
 from ..precise_math import exp_precise, log_precise
 
 
@@ -194,7 +193,7 @@ LSE_CONFIGS = {
     "split": [_cfg(64, 64, 8, 2), _cfg(64, 32, 8, 3), _cfg(32, 32, 4, 2)],
     "f32x3": [_cfg(64, 32, 8, 3), _cfg(32, 32, 4, 2)],      # (32, 64, 8 warps) spilled 68 B at BLOCK_N 32
 }
-_INTERPRET_LSE_CONFIG = dict(BLOCK_S=16, BLOCK_D=32)  # small, and smaller than the test sizes
+_INTERPRET_LSE_CONFIG = triton.Config(dict(BLOCK_S=16, BLOCK_D=32))  # small, smaller than the test sizes
 
 
 def config_family(mode: int) -> str:
@@ -205,16 +204,8 @@ def config_family(mode: int) -> str:
     return "split" if mode in (DOT_SPLIT_BF16, DOT_SPLIT2_BF16) else "f32x3"
 
 
-_tuned_lse: dict = {}
-
-
-def _lse_tuned(family: str):
-    """The autotuned forward kernel of one config family (RCA_FAST_AUTOTUNE=1 only); the key holds
-    no N (it changes every step): BLOCK_N buckets it instead."""
-    if family not in _tuned_lse:
-        _tuned_lse[family] = triton.autotune(configs=LSE_CONFIGS[family],
-                                             key=["BLOCK_N", "D", "S", "MODE", "HAS_MIX"])(_nce_lse_kernel)
-    return _tuned_lse[family]
+# the autotune key holds no N (it changes every step): BLOCK_N buckets it instead
+LSE_TUNE_KEY = ["BLOCK_N", "D", "S", "MODE", "HAS_MIX"]
 
 
 def lse_launch_config(mode: int) -> dict:
@@ -241,6 +232,11 @@ def row_kernel_blocks(L: int, n_chunks: int, interpret: bool) -> dict:
                 BLOCK_C=n_chunk_pad, BLOCK_P=16 if interpret else 256)
 
 
+def row_kernel_config(L: int, n_chunks: int, interpret: bool) -> triton.Config:
+    """The one config of ``_nce_row_kernel`` (its blocks follow the shapes; 4 warps)."""
+    return triton.Config(row_kernel_blocks(L, n_chunks, interpret), num_warps=4, num_stages=3, maxnreg=MAXNREG)
+
+
 def forward(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
             mix_target: Optional[torch.Tensor], mix_weight: Optional[torch.Tensor],
             temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -256,12 +252,12 @@ def forward(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
     stats = torch.empty(N, 4, dtype=torch.float32, device=dev)
     if N == 0:
         return row_loss, stats
-    interpret = is_interpret()
+    interpret = interpreting(dev)
     has_mix = mix_target is not None
     block_n = fwd_block_n(N, interpret)
     n_row_blocks = cdiv(N, block_n)
     granule = S_GRANULE_INTERPRET if interpret else S_GRANULE_GPU
-    s_chunk, n_chunks = split_units(S, L, n_row_blocks, target_programs(dev), granule)
+    s_chunk, n_chunks = split_units(S, L, n_row_blocks, 2 * sm_count(dev, 4), granule)
     n_units = L * n_chunks
     check_int32_offsets("bank_nce_loss", **{
         "N * S (positive similarities)": N * S, "N * L * chunks (logsumexp parts)": N * n_units,
@@ -273,21 +269,19 @@ def forward(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
     mt = mix_target if has_mix else target
     w = mix_weight if has_mix else row_loss
     mode = dot_mode(query.dtype, bank.dtype)
-    if interpret:
-        kernel, config = _nce_lse_kernel, _INTERPRET_LSE_CONFIG
-    elif autotune_requested():
-        kernel, config = _lse_tuned(config_family(mode)), {}
-    else:
-        kernel, config = _nce_lse_kernel, lse_launch_config(mode)
-    with launch_device(dev):
-        kernel[(n_row_blocks * n_units,)](
-            query, bank, target, mt, lse, pos_t, pos_m,
-            N, S, D, n_row_blocks, n_chunks, n_units, s_chunk, 1.0 / temperature,
-            query.stride(0), query.stride(1), bank.stride(0), bank.stride(1), bank.stride(2),
-            HAS_MIX=has_mix, MODE=mode, INTERPRET=interpret, BLOCK_N=block_n, **config)
-        _nce_row_kernel[(N,)](
-            lse, pos_t, pos_m, target, mt, w, row_loss, stats, L, S, n_chunks, HAS_MIX=has_mix,
-            **row_kernel_blocks(L, n_chunks, interpret))
+    candidates = () if interpret else LSE_CONFIGS[config_family(mode)]
+    launch(LaunchPlan(
+        "nce_lse", _nce_lse_kernel, lambda meta: (n_row_blocks * n_units,),
+        (query, bank, target, mt, lse, pos_t, pos_m,
+         N, S, D, n_row_blocks, n_chunks, n_units, s_chunk, 1.0 / temperature,
+         query.stride(0), query.stride(1), bank.stride(0), bank.stride(1), bank.stride(2)),
+        dict(HAS_MIX=has_mix, MODE=mode, INTERPRET=interpret, BLOCK_N=block_n),
+        _INTERPRET_LSE_CONFIG if interpret else candidates[0], dev, dtype_label(query, bank),
+        candidates, LSE_TUNE_KEY))
+    launch(LaunchPlan(
+        "nce_row", _nce_row_kernel, lambda meta: (N,),
+        (lse, pos_t, pos_m, target, mt, w, row_loss, stats, L, S, n_chunks), dict(HAS_MIX=has_mix),
+        row_kernel_config(L, n_chunks, interpret), dev, "fp32"))
     return row_loss, stats
 
 

@@ -23,9 +23,6 @@ The Triton interpreter multiplies the raw uint16 bit patterns of bf16 tiles in `
 casts are still exercised there.  The interpreter also re-patches ``triton.language`` on every
 nested @jit call (~1 ms), so helpers called inside the tile loops are few and flat.
 """
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -120,11 +117,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def is_interpret() -> bool:
-    """Whether the kernels run in the Triton interpreter (CPU tensors, TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def dot_mode(left: torch.dtype, bank: torch.dtype) -> int:
     """The precision scheme of ``dot_acc`` for a left operand of dtype ``left`` against the bank."""
     if bank in (torch.bfloat16, torch.float16) and left == bank:
@@ -132,14 +124,6 @@ def dot_mode(left: torch.dtype, bank: torch.dtype) -> int:
     if bank == torch.bfloat16:
         return DOT_SPLIT2_BF16 if left == torch.float16 else DOT_SPLIT_BF16
     return DOT_F32X3
-
-
-def target_programs(device: torch.device) -> int:
-    """How many programs a launch should have to fill the device (a small number when interpreted,
-    so that the tests exercise the splitting of classes into chunks)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
 
 
 def split_units(S: int, L: int, outer: int, target: int, granule: int):
@@ -161,7 +145,3 @@ def check_int32_offsets(op: str, **extents: int) -> None:
                              f"elements reaches 2**31; use the torch backend (RCA_FAST_BACKEND=torch) "
                              f"or fewer rows per call")
 
-
-def launch_device(device: torch.device):
-    """Context making ``device`` current for a launch (Triton launches on the current device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -2,8 +2,10 @@
 without a GPU, and the extension's CUDA sources through nvcc; a table and DIR/compile.json.
 
 ``python -m rca_fast.profile compile --out DIR`` (CI runs it):
-  * the jobs are ``rca_fast.kernels.compile_specs.jobs(shape, mode)`` for the voc, coco and large
-    profile shapes and the size-1 shape, in the modes fp32, bf16, fp16, mix and amp;
+  * the jobs are ``rca_fast.kernels.compile_specs.jobs(shape, mode)``: the launch plans the real
+    launchers build on fake CUDA tensors (at 132, 114 and 16 SMs), for the voc, coco and large
+    profile shapes, the tiny backbone's (D = 64) and the size-1 shape, in the modes fp32, bf16,
+    fp16, mix and amp, every config each plan may launch;
   * identical compiles (same source, signature, specialisation, constexprs and options: shapes only
     matter through those) are compiled once, in parallel worker processes, each with a fresh Triton
     cache shared by the run (the ptxas log, read for registers and spills, is only written when
@@ -31,13 +33,17 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional
 
 ROW_KEYS = ("kernel", "config", "dtype", "shared_bytes", "registers", "spill_bytes", "launchable")
-SHAPE_NAMES = ("voc", "coco", "large", "one")
+SHAPE_NAMES = ("voc", "coco", "large", "tiny", "one")
 ONE = dict(B=1, L=1, S=1, D=1, H=1, W=1, K=1, Np=1)
+# the tiny backbone (D = 64) of the tests and demos, 224-pixel images (28 x 28 at stride 8)
+TINY = dict(B=8, L=20, S=500, D=64, H=28, W=28, K=10, Np=16)
 
 
 def _shape(name: str) -> Dict[str, int]:
     if name == "one":
         return dict(ONE)
+    if name == "tiny":
+        return dict(TINY)
     from .counts import PRESETS
     p = PRESETS[name]
     return dict(B=p.B, L=p.L, S=p.S, D=p.D, H=p.H, W=p.W, K=p.K, Np=p.Np)
@@ -222,7 +228,7 @@ def cuda_rows(repo: str, workers: int) -> List[dict]:
 
 # ------------------------------------------------------------------------------------ output
 def table(rows: List[dict]) -> str:
-    head = f"{'kernel':<34} {'config':<44} {'dtype':<5} {'shared B':>9} {'regs':>5} {'spill B':>8} launchable"
+    head = f"{'kernel':<34} {'config':<44} {'dtype':<9} {'shared B':>9} {'regs':>5} {'spill B':>8} launchable"
     lines = [head, "-" * len(head)]
     for r in rows:
         def num(v):
@@ -230,7 +236,7 @@ def table(rows: List[dict]) -> str:
         flag = "yes" if r["launchable"] else "no"
         if r.get("error"):
             flag += "  COMPILE FAILED"
-        lines.append(f"{r['kernel'][:34]:<34} {r['config'][:44]:<44} {r['dtype']:<5} {num(r['shared_bytes']):>9} "
+        lines.append(f"{r['kernel'][:34]:<34} {r['config'][:44]:<44} {r['dtype']:<9} {num(r['shared_bytes']):>9} "
                      f"{num(r['registers']):>5} {num(r['spill_bytes']):>8} {flag}")
     return "\n".join(lines)
 
@@ -281,7 +287,7 @@ def add_parser(sub, fmt) -> None:
                        formatter_class=fmt, description=__doc__)
     p.add_argument("--out", default="rca_compile", help="output folder (default ./rca_compile)")
     p.add_argument("--shapes", nargs="+", choices=SHAPE_NAMES, default=None,
-                   help="shapes to compile for (default all: voc coco large one)")
+                   help="shapes to compile for (default all: voc coco large tiny one)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "fp16", "mix", "amp"], default=None,
                    help="precision modes (default all)")
     p.add_argument("--kernels", nargs="+", default=None,
