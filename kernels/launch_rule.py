@@ -39,6 +39,8 @@ MAXNREG = 255
 # Headroom rule (compile check and tests): a fixed-rule config may need at most this many registers
 # under the Triton it is compiled with, so that another ptxas version (Triton 3.6's) does not spill.
 FIXED_RULE_MAX_REGISTERS = 240
+# programs a CUDA grid may have on its x, y and z axes
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 
 
 def autotune_requested() -> bool:
@@ -112,7 +114,8 @@ class LaunchPlan:
     ``grid(meta)`` takes the merged constexprs and config kwargs; ``args`` are the positional
     arguments (tensors, ints, floats); ``constexprs`` the untuned constexprs; ``fixed`` the fixed
     rule's ``triton.Config``; ``candidates`` what RCA_FAST_AUTOTUNE=1 times (the fixed one first);
-    ``dtypes`` a row label for the compile check (e.g. "fp32/bf16": query / bank)."""
+    ``dtypes`` a row label for the compile check (e.g. "fp32/bf16": query / bank); ``axes`` names
+    what each grid axis counts (for the grid-limit error)."""
     name: str
     kernel: Any
     grid: Callable[[dict], Tuple[int, ...]]
@@ -123,6 +126,7 @@ class LaunchPlan:
     dtypes: str
     candidates: Sequence[Any] = ()
     tune_key: Sequence[str] = ()
+    axes: Sequence[str] = ()
 
     def configs(self) -> list:
         """Every config this plan may launch: the fixed one and the autotune candidates."""
@@ -149,8 +153,23 @@ def _autotuned(plan: LaunchPlan):
     return _tuned[key]
 
 
+def check_grid(plan: LaunchPlan) -> None:
+    """Raise a ValueError naming the axis when a config of ``plan`` needs more programs on a grid
+    axis than CUDA allows (65,535 on y and z): a launch would fail, or its kernel never see them."""
+    for cfg in plan.configs():
+        grid = plan.grid(dict(plan.constexprs, **cfg.kwargs))
+        for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
+            if n > limit:
+                what = plan.axes[axis] if axis < len(plan.axes) else "programs"
+                raise ValueError(f"{plan.name}: the launch needs {n} programs on CUDA grid axis {'xyz'[axis]} "
+                                 f"({what}), more than its limit of {limit:,}; use the torch backend "
+                                 f"(RCA_FAST_BACKEND=torch) or fewer/smaller inputs per call")
+
+
 def launch(plan: LaunchPlan) -> None:
-    """Run ``plan`` by the rule of this module (or record it while capturing)."""
+    """Run ``plan`` by the rule of this module (or record it while capturing), after
+    ``check_grid``."""
+    check_grid(plan)
     if _capture is not None:
         _capture.append(plan)
         return

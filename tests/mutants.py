@@ -180,6 +180,9 @@ MUTANTS = [
      "d_scores = scale_scores(probs * (d_probs - delta[:, None]), scale_hi, scale_lo)",
      "d_scores = probs * (d_probs - delta[:, None])",
      ["tests/test_attention_triton.py", "-k", "fp64_forward"]),
+    ("launch-grid-limit-off-by-one", "kernels/launch_rule.py",
+     "            if n > limit:", "            if n > limit + 1:",
+     ["tests/test_kernel_guards.py", "-k", "grid"]),
     # ---------------------------------------------------------------- the extension's CPU twin (--ext)
     ("ext-kmeans-no-reseed", "csrc/cpu/kmeans.cpp",
      "if (empties > 0) reseed_empty(r, empties);", "(void)empties;",

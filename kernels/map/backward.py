@@ -111,6 +111,7 @@ def _launch_bwd(grad_emb: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     fixed = config or (candidates[0] if on_gpu else _INTERPRET_BWD)
     launch(LaunchPlan("map_bwd", _map_bwd_kernel,
                       lambda m: (triton.cdiv(D, m["BLOCK_D"]), triton.cdiv(HW, m["BLOCK_HW"]), B), args, meta,
-                      fixed, grad_emb.device, dtype_label(grad_emb, cams), candidates, TUNE_KEY))
+                      fixed, grad_emb.device, dtype_label(grad_emb, cams), candidates, TUNE_KEY,
+                      axes=("D blocks", "H*W blocks of cams", "B: images of cams")))
     return grad_features
 

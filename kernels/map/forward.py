@@ -179,7 +179,8 @@ def _launch_fwd(features: torch.Tensor, cams: torch.Tensor, labels: Optional[tor
     fixed = config or (candidates[0] if on_gpu else _INTERPRET_FWD)
     # at least one D-block, so that mean and count are written even when D == 0
     launch(LaunchPlan("map_fwd", _map_fwd_kernel, lambda m: (max(1, triton.cdiv(D, m["BLOCK_D"])), B), args,
-                      meta, fixed, features.device, dtype_label(features, cams), candidates, TUNE_KEY))
+                      meta, fixed, features.device, dtype_label(features, cams), candidates, TUNE_KEY,
+                      axes=("D blocks", "B: images of features")))
     return emb, count, mean
 
 
