@@ -244,6 +244,11 @@ def table(rows: List[dict]) -> str:
 def run(args) -> int:
     """The compile subcommand; returns the exit status."""
     t0 = time.time()
+    if args.write_rule_table:
+        from rca_fast.kernels import fixed_rule
+        n = fixed_rule.write_table({name: _shape(name) for name in SHAPE_NAMES}, args.write_rule_table)
+        print(f"wrote {n} rows of the fixed launch rule to {args.write_rule_table}")
+        return 0
     os.makedirs(args.out, exist_ok=True)
     cache = tempfile.mkdtemp(prefix="rca_compile_check_")
     _prepare_env(cache)
@@ -297,6 +302,8 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--no-cuda", action="store_true", help="skip the extension's .cu files")
     p.add_argument("--plant-spill", action="store_true",
                    help="also compile a config known to spill, marked launchable (the check's own test)")
+    p.add_argument("--write-rule-table", default=None, metavar="PATH",
+                   help="write the fixed launch rule's table (kernels/fixed_rule_table.md) and exit")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bar on stderr (auto: when it is a terminal)")
 
