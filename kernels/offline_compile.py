@@ -23,6 +23,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .launch_rule import FIXED_RULE_MAX_REGISTERS
+
 SM90_SHARED_LIMIT = 232448      # bytes of shared memory one block may use on sm_90 (opt-in maximum)
 SM90_TARGET = ("cuda", 90, 32)  # GPUTarget: capability 90 compiles for sm_90a
 
@@ -101,8 +103,8 @@ def compile_job(job: Job) -> Dict[str, Any]:
     import triton
     from triton import knobs
 
-    row = dict(kernel=job.kernel, config=job.config, dtype=job.dtype, shared_bytes=None,
-               registers=None, spill_bytes=None, launchable=job.launchable, stack_bytes=None, error=None)
+    row = dict(kernel=job.kernel, config=job.config, dtype=job.dtype, shared_bytes=None, registers=None,
+               spill_bytes=None, launchable=job.launchable, fixed=job.fixed, stack_bytes=None, error=None)
     try:
         _, target, src, options = _bind(job)
         knobs.nvidia.dump_ptxas_log = True
@@ -116,9 +118,11 @@ def compile_job(job: Job) -> Dict[str, Any]:
     return row
 
 
-def row_problems(row: Dict[str, Any], shared_limit: int = SM90_SHARED_LIMIT) -> Optional[str]:
-    """Why a row fails the check (None when it passes): a compile error, or a launchable config
-    that spills or needs more shared memory than one sm_90 block gets."""
+def row_problems(row: Dict[str, Any], shared_limit: int = SM90_SHARED_LIMIT,
+                 max_fixed_registers: int = FIXED_RULE_MAX_REGISTERS) -> Optional[str]:
+    """Why a row fails the check (None when it passes): a compile error, a launchable config
+    that spills or needs more shared memory than one sm_90 block gets, or a fixed-rule config that
+    needs more than ``max_fixed_registers`` registers (no headroom left for another ptxas)."""
     if row.get("error"):
         return "compile failed"
     if not row["launchable"]:
@@ -127,4 +131,7 @@ def row_problems(row: Dict[str, Any], shared_limit: int = SM90_SHARED_LIMIT) -> 
         return f"spills {row['spill_bytes']} B"
     if row["shared_bytes"] > shared_limit:
         return f"needs {row['shared_bytes']} B of shared memory (limit {shared_limit})"
+    if row.get("fixed") and row["registers"] > max_fixed_registers:
+        return (f"fixed-rule config uses {row['registers']} registers (headroom rule: at most "
+                f"{max_fixed_registers})")
     return None

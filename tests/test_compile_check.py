@@ -56,6 +56,31 @@ def test_row_problems_flags_spills_shared_memory_and_failures():
     assert row_problems(dict(row, spill_bytes=4, launchable=False)) is None   # never launched
 
 
+def test_headroom_rule_flags_fixed_rule_configs_over_240_registers():
+    """A fixed-rule config (what runs by default) may need at most 240 registers under the Triton it
+    is compiled with, so another ptxas (Triton 3.6's) has room before it spills; an autotune
+    candidate may use up to the 255 the launch allows."""
+    row = dict(kernel="k", config="c", dtype="fp32", shared_bytes=1024, registers=240, spill_bytes=0,
+               launchable=True, fixed=True, error=None)
+    assert row_problems(row) is None
+    assert "241 registers" in row_problems(dict(row, registers=241))
+    assert row_problems(dict(row, registers=255, fixed=False)) is None
+
+
+def test_every_plans_fixed_config_is_marked_fixed_in_the_jobs():
+    """The headroom rule needs to know which compiled rows are the fixed rule's: each captured plan's
+    fixed config is a job marked ``fixed``, its other candidates are not (unless another plan fixes them)."""
+    from rca_fast.kernels import compile_specs, launch_rule
+    from rca_fast.kernels.offline_compile import _resolve
+    from rca_fast.profile.compile_mode import _shape
+    plans = compile_specs.capture(_shape("voc"), "mix", 132)
+    jobs = compile_specs.plan_jobs(plans, "mix")
+    fixed = {launch_rule.spec_key(_resolve(j.fn), j.args, j.kwargs) for j in jobs if j.fixed}
+    want = {launch_rule.plan_key(p, p.fixed) for p in plans}
+    assert fixed == want
+    assert any(not j.fixed for j in jobs)                 # the autotune candidates
+
+
 def test_compile_subset_writes_the_json_and_fails_on_a_planted_spill(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "rca_fast.profile", "compile", "--out", str(tmp_path), "--kernels", "nce_row",

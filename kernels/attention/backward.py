@@ -34,8 +34,10 @@ INTERPRET_BWD_BLOCKS = dict(
 GPU_GRADS_BLOCKS = {
     "16bit": dict(BLOCK_M_Q=64, BLOCK_P_Q=64, BLOCK_N_Q=128, BLOCK_M_R=64, BLOCK_P_R=64, BLOCK_N_R=64,
                   num_warps=8, num_stages=3, maxnreg=MAXNREG),        # 80 registers (4 warps: 254)
+    # fp32: at 4 warps and maxnreg 255 ptxas used all 255 registers (no headroom for another ptxas);
+    # at 8 warps capped at 192 it needs 192 and spills nothing (sm_90a, Triton 3.8; tf32: 81)
     "fp32": dict(BLOCK_M_Q=64, BLOCK_P_Q=32, BLOCK_N_Q=64, BLOCK_M_R=32, BLOCK_P_R=32, BLOCK_N_R=64,
-                 num_warps=4, num_stages=2, maxnreg=MAXNREG),
+                 num_warps=8, num_stages=2, maxnreg=192),
 }
 SUM_BLOCK = 1024
 

@@ -134,10 +134,12 @@ def _fwd_configs(slots: int, fp64: bool) -> list:
     flight per SM even at one or two programs per SM (B * D / BLOCK_D programs in all)."""
     out = []
     # (two candidates: each is compiled for sm_90a by the compile check at every shape and dtype)
-    for block_d, block_hw, unroll, warps in ((8, 128, 2, 4), (4, 128, 4, 4)):
+    for block_d, block_hw, unroll, warps in ((8, 128, 2, 4), (4, 128, 4, 4), (4, 128, 2, 4)):
         per_thread = slots * block_d * block_hw // (32 * warps) * (2 if fp64 else 1)
-        # loads in flight: slots * unroll CAM sub-tiles; 8 slots x 4 sub-tiles spilled 8 B (fp32)
-        if per_thread <= 64 and slots * unroll <= 16:
+        # loads in flight: slots * unroll CAM sub-tiles; 8 slots x 4 sub-tiles spilled 8 B (fp32).
+        # 8 slots with a 64-float accumulator a thread used 248 registers (sm_90a, Triton 3.8): over the
+        # 240 of the headroom rule (launch_rule.FIXED_RULE_MAX_REGISTERS), so 8 slots take 32 a thread
+        if per_thread <= (32 if slots >= 8 else 64) and slots * unroll <= 16:
             out.append(triton.Config(dict(BLOCK_D=block_d, BLOCK_HW=block_hw, UNROLL=unroll,
                                           MEAN_HW=1024 * warps // slots), num_warps=warps, maxnreg=MAXNREG))
     return out or [triton.Config(dict(BLOCK_D=4, BLOCK_HW=128, UNROLL=1, MEAN_HW=128), num_warps=4,

@@ -130,7 +130,8 @@ def _cfg(block_s, block_d, warps, stages):
 # 254-255 registers, 16 slots x 32 columns 188).
 # The FIRST entry is the fixed rule's choice; RCA_FAST_AUTOTUNE=1 times them all.
 BWD_CONFIGS = {
-    "split": [_cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2), _cfg(64, 32, 8, 2)],
+    # split: (32, 64, 8, 2) needed 241 registers at BLOCK_N 64 (fp32 query), (32, 32, 8, 2) 204-214
+    "split": [_cfg(32, 32, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 32, 8, 2)],
     "f32x3": [_cfg(16, 32, 8, 2), _cfg(32, 16, 8, 2)],
 }
 BWD_BLOCK_DV = {"split": 128, "f32x3": 64}

@@ -15,8 +15,9 @@ without a GPU, and the extension's CUDA sources through nvcc; a table and DIR/co
   * each ``csrc/cuda/*.cu`` is compiled with ``nvcc -arch=sm_90 -Xptxas -v`` (kernel = file:function,
     config = "nvcc", dtype = the template's type when the name shows one) when nvcc and torch's
     headers are found, else said and skipped (``--no-cuda`` skips them).
-Exit status 1 on a compile failure or a launchable row that spills or needs more than the 232,448
-bytes of shared memory one sm_90 block may use; 0 otherwise.
+Exit status 1 on a compile failure, a launchable row that spills or needs more than the 232,448
+bytes of shared memory one sm_90 block may use, or a fixed-rule row (column ``fixed``) over 240
+registers (``launch_rule.FIXED_RULE_MAX_REGISTERS``: headroom for another ptxas); 0 otherwise.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional
 
-ROW_KEYS = ("kernel", "config", "dtype", "shared_bytes", "registers", "spill_bytes", "launchable")
+ROW_KEYS = ("kernel", "config", "dtype", "shared_bytes", "registers", "spill_bytes", "launchable", "fixed")
 SHAPE_NAMES = ("voc", "coco", "large", "tiny", "one")
 ONE = dict(B=1, L=1, S=1, D=1, H=1, W=1, K=1, Np=1)
 # the tiny backbone (D = 64) of the tests and demos, 224-pixel images (28 x 28 at stride 8)
@@ -71,6 +72,7 @@ def _merge(rows: List[dict]) -> List[dict]:
             if r.get(k) is not None:
                 m[k] = max(m[k] or 0, r[k])
         m["error"] = m.get("error") or r.get("error")
+        m["fixed"] = bool(m.get("fixed") or r.get("fixed"))
     return list(merged.values())
 
 
@@ -113,7 +115,8 @@ def triton_rows(shapes, modes, kernels: Optional[List[str]], workers: int, plant
     rows = []
     for j, k in zip(jobs, key_of):
         res = results[k]
-        rows.append(dict(res, kernel=j.kernel, config=j.config, dtype=j.dtype, launchable=j.launchable))
+        rows.append(dict(res, kernel=j.kernel, config=j.config, dtype=j.dtype, launchable=j.launchable,
+                         fixed=j.fixed))
     return _merge(rows)
 
 
@@ -175,7 +178,7 @@ def parse_nvcc_log(log: str, source: str) -> List[dict]:
         if m:
             name, dtype = _kernel_name(_demangle(m.group(1)))
             cur = dict(kernel=f"{source}:{name}", config="nvcc", dtype=dtype,
-                       shared_bytes=0, registers=None, spill_bytes=0, launchable=True, error=None)
+                       shared_bytes=0, registers=None, spill_bytes=0, launchable=True, fixed=False, error=None)
             rows.append(cur)
             continue
         if cur is None:
@@ -218,7 +221,8 @@ def cuda_rows(repo: str, workers: int) -> List[dict]:
         name = os.path.basename(src)
         if proc.returncode != 0:
             return [dict(kernel=name, config="nvcc", dtype="-", shared_bytes=None, registers=None,
-                         spill_bytes=None, launchable=True, error=proc.stderr[-1500:])]
+                         spill_bytes=None, launchable=True, fixed=False,
+                         error=proc.stderr[-1500:])]
         return parse_nvcc_log(proc.stderr, name)
 
     from concurrent.futures import ThreadPoolExecutor
@@ -233,7 +237,7 @@ def table(rows: List[dict]) -> str:
     for r in rows:
         def num(v):
             return "-" if v is None else str(v)
-        flag = "yes" if r["launchable"] else "no"
+        flag = ("yes, fixed rule" if r.get("fixed") else "yes") if r["launchable"] else "no"
         if r.get("error"):
             flag += "  COMPILE FAILED"
         lines.append(f"{r['kernel'][:34]:<34} {r['config'][:44]:<44} {r['dtype']:<9} {num(r['shared_bytes']):>9} "
