@@ -75,7 +75,7 @@ def test_import_reader_resolves_relative_and_lazy_imports(tmp_path, name, packag
 
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels")
 SHARED_KERNEL_HELPERS = {"__init__.py", "launch_rule.py", "precise_math.py", "compile_specs.py",
-                         "offline_compile.py"}
+                         "offline_compile.py", "fixed_rule.py"}
 
 
 def _package_files(folder, package):
