@@ -7,6 +7,10 @@ sources otherwise.  Environment:
 * ``CUDA_HOME`` -- the toolkit root.  When unset and ``nvcc`` on the PATH is a wrapper script
   (``exec /usr/local/cuda-X/bin/nvcc "$@"``), the root is read from the script.
 * ``TORCH_CUDA_ARCH_LIST`` (e.g. ``9.0``) and ``MAX_JOBS`` -- read by torch.utils.cpp_extension.
+  Unset or empty, the CUDA sources are built for ``DEFAULT_CUDA_ARCH_LIST`` ("8.0;9.0+PTX": sm_80 and
+  sm_90 machine code plus sm_90 PTX, which newer GPUs JIT-compile), not torch's default (the visible
+  GPUs' architectures: none on a build node or in a container build, where torch's
+  ``_get_cuda_arch_flags`` then fails with an IndexError).  ``native`` keeps torch's choice.
 * ``RCA_FAST_SKIP_EXT=1`` -- skip the extension (handled in setup.py);
   ``RCA_FAST_EXT_CPU_ONLY=1`` -- build the CPU sources only even when a toolkit is present.
 """
@@ -19,6 +23,17 @@ import sys
 
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/module.cpp", "csrc/cpu/ema.cpp", "csrc/cpu/kmeans.cpp"]
 CUDA_SOURCES = ["csrc/cuda/ema.cu", "csrc/cuda/kmeans.cu"]
+# The architectures of a build that names none: A100 (sm_80) and H100/H200 (sm_90) machine code, and
+# sm_90 PTX so that any later GPU can JIT-compile the kernels.  The same binary whatever machine
+# builds it, with or without a GPU.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def cuda_arch_list(environ=None):
+    """(arch list, True when it is the default) of a CUDA build: ``TORCH_CUDA_ARCH_LIST`` when set
+    to something other than blanks, else ``DEFAULT_CUDA_ARCH_LIST``."""
+    value = (os.environ if environ is None else environ).get("TORCH_CUDA_ARCH_LIST", "").strip()
+    return (value, False) if value else (DEFAULT_CUDA_ARCH_LIST, True)
 
 
 def find_cuda_home():
@@ -65,14 +80,17 @@ def extension_modules(root):
         link.append("-fopenmp")
     sources = list(CPU_SOURCES)
     if use_cuda:
+        # torch.utils.cpp_extension reads the variable when it compiles the CUDA sources
+        arch_list, is_default = cuda_arch_list()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         cxx.append("-DRCA_FAST_WITH_CUDA")
         sources += CUDA_SOURCES
         nvcc = ["-O3", "-DRCA_FAST_WITH_CUDA", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
             "rca_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link)
-        what = (f"with CUDA sources (toolkit {toolkit}, TORCH_CUDA_ARCH_LIST="
-                f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')})")
+        what = (f"with CUDA sources (toolkit {toolkit}, TORCH_CUDA_ARCH_LIST={arch_list}"
+                + (", rca_fast's default: the variable is unset)" if is_default else ")"))
     else:
         ext = cpp_extension.CppExtension(
             "rca_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)

@@ -43,7 +43,10 @@ setup(
               "rca_fast.kernels", "rca_fast.kernels.map", "rca_fast.kernels.nce",
               "rca_fast.kernels.attention", "rca_fast.profile", "rca_fast.utils"],
     package_dir={"rca_fast.kernels": "kernels"},
-    install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm", "pillow"],
+    # Supported: torch 2.11 (the GPU machines': Triton 3.6) to 2.14 (Triton 3.8); CI tests both ends.
+    # Triton comes with torch's Linux CUDA builds; the kernels need >= 3.6.
+    install_requires=["torch>=2.11", "torchvision>=0.26", "triton>=3.6; platform_system == 'Linux'",
+                      "numpy", "tqdm", "pillow"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
                     "plots": ["matplotlib"],
                     # dense CRF of the public gen_labels step (python -m rca_fast.pseudo --refine crf);

@@ -81,10 +81,12 @@ def clamp_configs(configs, named_args, caps: Dict[str, str]):
 @triton.jit
 def dot_acc(a, b, acc, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
     """``acc + a @ b``.  INTERP_BF16 (interpreter with bf16 inputs only): Triton's interpreter
-    multiplies bf16 tiles as their raw uint16 bits, so they are widened to fp32 first (exact)."""
+    multiplies bf16 tiles as their raw uint16 bits, so they are widened to fp32 first (exact).
+    ``out_dtype`` is the accumulator's: Triton 3.8 infers it from ``acc``, 3.6 assumes fp32 and
+    rejects the interpreter's fp64 accumulator."""
     if INTERP_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -81,7 +81,11 @@ def _map_fwd_kernel(feat_ptr, cams_ptr, present_ptr, mean_ptr, count_ptr, emb_pt
     cam_base = cams_ptr + b * s_cb
     d_ok3 = d_ok[None, :, None]
     for first in range(0, n_present, SLOTS):
-        cls, used = slot_classes(cls_all, present, rank, n_present, first, SLOTS)
+        if HAS_LABELS:
+            cls, used = slot_classes(cls_all, present, rank, n_present, first, SLOTS)
+        else:  # every class is present, in order: the chunk's classes are first, first + 1, ...
+            cls = first + tl.arange(0, SLOTS)
+            used = cls < L
         used3 = used[:, None, None]
         cam_rows = (cls * s_cl)[:, None, None]                                       # [SLOTS, 1, 1]
         cam_offs = cam_rows + (offs_hw * s_chw)[None, None, :]                       # [SLOTS, 1, HW]

@@ -127,11 +127,12 @@ def _cfg(block_s, block_d, warps, stages):
 # delta is split into bf16 parts ("split", 128 output columns a program); against an fp32 or fp16
 # bank it is tf32x3 ("f32x3"), whose three operand copies and [BLOCK_N, BLOCK_DV] fp32 accumulator
 # only fit with 64 output columns and narrow tiles (every wider tile spilled 56-2,560 B; 32x32 used
-# 254-255 registers, 16 slots x 32 columns 188).
+# 254-255 registers, 16 slots x 32 columns 188).  ("split" 64 slots x 32 columns spilled 88-860 B
+# under Triton 3.6's ptxas, 255 registers under 3.8: dropped.)
 # The FIRST entry is the fixed rule's choice; RCA_FAST_AUTOTUNE=1 times them all.
 BWD_CONFIGS = {
     # split: (32, 64, 8, 2) needed 241 registers at BLOCK_N 64 (fp32 query), (32, 32, 8, 2) 204-214
-    "split": [_cfg(32, 32, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 32, 8, 2)],
+    "split": [_cfg(32, 32, 8, 2), _cfg(32, 64, 8, 2)],
     "f32x3": [_cfg(16, 32, 8, 2), _cfg(32, 16, 8, 2)],
 }
 BWD_BLOCK_DV = {"split": 128, "f32x3": 64}
