@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -38,21 +39,55 @@ class CAMHead(nn.Module):
         return self.classifier(self.body(features))
 
 
+# How PerClassCAMHead runs its L branches (the parameters are the same whichever runs, so a state
+# dict loads into every implementation):
+#   grouped                 one conv D -> L*W, then grouped convs (groups = L): 4 convolutions
+#   loop                    one conv D -> L*W, then per class a dense 3x3, 3x3, 1x1 conv on that
+#                           class's channel slice (the public code's loop of dense convs, with its L
+#                           first convs, which all read the same input, stacked into one)
+#   grouped_channels_last   grouped, input and activations in channels_last (NHWC) memory format
+#   loop_channels_last      loop, in channels_last
+FINAL_HEAD_IMPLS = ("grouped", "loop", "grouped_channels_last", "loop_channels_last")
+# impl="auto": the implementation per device type.  CPU: measured (README, "Final CAM heads":
+# grouped was faster than loop at every size tried on the 2-core CPU).  CUDA: provisional until
+# benchmarks/bench_final_heads.py has run on the GPU (gpu_check.sh's final_heads step; its summary
+# says whether this pick is the fastest): channels_last dense convs, because a 512 -> 512 3x3 conv
+# in NHWC is the case cuDNN's tensor-core kernels are tuned for, and grouped convs have fewer.
+FINAL_HEAD_AUTO = {"cpu": "grouped", "cuda": "loop_channels_last"}
+FINAL_HEAD_AUTO_DEFAULT = "grouped"   # any other device type
+
+
+def resolve_final_head_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` names on ``device``: itself, or for ``"auto"`` the per-device
+    rule ``FINAL_HEAD_AUTO`` (``FINAL_HEAD_AUTO_DEFAULT`` for a device type it does not name)."""
+    if impl == "auto":
+        return FINAL_HEAD_AUTO.get(torch.device(device).type, FINAL_HEAD_AUTO_DEFAULT)
+    if impl not in FINAL_HEAD_IMPLS:
+        raise ValueError(f"final head impl must be 'auto' or one of {FINAL_HEAD_IMPLS}, got {impl!r}")
+    return impl
+
+
 class PerClassCAMHead(nn.Module):
     """L independent branches, each 3 x (conv3x3 + ReLU) + conv1x1 -> 1 map, as the public code's
-    final CAM head -- run as ONE network instead of L: the first conv of every branch reads the
+    final CAM head -- held as ONE network instead of L: the first conv of every branch reads the
     same input, so the L first convs stack into one conv D -> L*width; the later convs are grouped
     convs (groups = L), which keep the branches independent.
 
     Branch l owns output channels [l*width, (l+1)*width) of every conv and map l of the last one;
     each grouped conv has the fan-in of one branch, so the default initialisation is that of L
     separate heads.
+
+    ``impl`` ("auto" or one of ``FINAL_HEAD_IMPLS``) says how the branches run; every
+    implementation computes the same function from the same parameters (names and shapes do not
+    depend on it, so checkpoints load whichever runs).  "auto" picks per device at each forward
+    (``resolve_final_head_impl``); the attribute may be changed after construction.
     """
 
-    def __init__(self, in_channels: int, width: int, num_classes: int):
+    def __init__(self, in_channels: int, width: int, num_classes: int, impl: str = "auto"):
         super().__init__()
         L, W = num_classes, width
         self.num_classes, self.width = L, W
+        self.impl = impl
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, L * W, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(L * W, L * W, 3, padding=1, groups=L), nn.ReLU(inplace=True),
@@ -60,9 +95,41 @@ class PerClassCAMHead(nn.Module):
         )
         self.classifier = nn.Conv2d(L * W, L, 1, groups=L)
 
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if not isinstance(value, str) or (value != "auto" and value not in FINAL_HEAD_IMPLS):
+            raise ValueError(f"PerClassCAMHead: impl must be 'auto' or one of {FINAL_HEAD_IMPLS}, got {value!r}")
+        self._impl = value
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) -> (B, L, h, w): map l comes from branch l only."""
-        return self.classifier(self.body(features))
+        impl = resolve_final_head_impl(self.impl, features.device)
+        if impl.endswith("_channels_last"):
+            features = features.contiguous(memory_format=torch.channels_last)
+        if impl.startswith("grouped"):
+            return self.classifier(self.body(features))
+        return self._loop(features)
+
+    def _loop(self, features: torch.Tensor) -> torch.Tensor:
+        """One conv D -> L*W (all first convs), then per class its dense 3x3, 3x3, 1x1 convs on
+        its W channels.  ``split`` views (one backward: a concatenation) rather than L slices of
+        each weight (each slice's backward would write a zero-filled full-size gradient)."""
+        L, W = self.num_classes, self.width
+        conv0, conv1, conv2, cls = self.body[0], self.body[2], self.body[4], self.classifier
+        hidden = F.relu(conv0(features), inplace=True)                 # (B, L*W, h, w)
+        w1, b1 = conv1.weight.split(W), conv1.bias.split(W)            # L x (W, W, 3, 3), L x (W,)
+        w2, b2 = conv2.weight.split(W), conv2.bias.split(W)
+        wc, bc = cls.weight.split(1), cls.bias.split(1)                # L x (1, W, 1, 1), L x (1,)
+        maps = []
+        for l, y in enumerate(hidden.split(W, dim=1)):
+            y = F.relu(F.conv2d(y, w1[l], b1[l], padding=1), inplace=True)
+            y = F.relu(F.conv2d(y, w2[l], b2[l], padding=1), inplace=True)
+            maps.append(F.conv2d(y, wc[l], bc[l]))
+        return torch.cat(maps, dim=1)
 
 
 class Projector(nn.Module):
