@@ -7,7 +7,7 @@ step's FLOPs, and 4x that at COCO's 80 classes.  Rows, per case (voc L=20, coco 
 
   public_loop             the public code: one nn.Sequential per class, its own first conv too
   grouped                 PerClassCAMHead(impl="grouped"): one conv D -> L*W, grouped convs (today's)
-  loop                    impl="loop": one conv D -> L*W, then per class dense convs
+  loop                    impl="loop": the public code's loop of dense convs on the same parameters
   grouped_channels_last   grouped, in channels_last (NHWC)
   loop_channels_last      loop, in channels_last
 
@@ -147,7 +147,8 @@ def reference_maps(head: PerClassCAMHead, case, device: torch.device) -> torch.T
 def row_for(case_name: str, case, dtype: str, impl: str, ms: float, device: torch.device, **extra) -> dict:
     row = {"op": "final_heads", "impl": impl, "case": case_name, "shape": shape_id(case), "dtype": dtype,
            "mode": "fwd_bwd", "ms": ms, "auto_impl": resolve_final_head_impl("auto", device),
-           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "threads": torch.get_num_threads()}
+           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+           "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32), "threads": torch.get_num_threads()}
     base = _median_ms.get((device.type, case_name, dtype, "public_loop"))
     if base is not None and impl != "public_loop":
         row["speedup_vs_public_loop"] = base / ms

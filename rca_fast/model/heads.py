@@ -42,9 +42,8 @@ class CAMHead(nn.Module):
 # How PerClassCAMHead runs its L branches (the parameters are the same whichever runs, so a state
 # dict loads into every implementation):
 #   grouped                 one conv D -> L*W, then grouped convs (groups = L): 4 convolutions
-#   loop                    one conv D -> L*W, then per class a dense 3x3, 3x3, 1x1 conv on that
-#                           class's channel slice (the public code's loop of dense convs, with its L
-#                           first convs, which all read the same input, stacked into one)
+#   loop                    per class its dense 3x3, 3x3, 3x3, 1x1 convs on that class's slices of
+#                           the weights: the public code's loop of dense convs
 #   grouped_channels_last   grouped, input and activations in channels_last (NHWC) memory format
 #   loop_channels_last      loop, in channels_last
 FINAL_HEAD_IMPLS = ("grouped", "loop", "grouped_channels_last", "loop_channels_last")
@@ -115,19 +114,19 @@ class PerClassCAMHead(nn.Module):
         return self._loop(features)
 
     def _loop(self, features: torch.Tensor) -> torch.Tensor:
-        """One conv D -> L*W (all first convs), then per class its dense 3x3, 3x3, 1x1 convs on
-        its W channels.  ``split`` views (one backward: a concatenation) rather than L slices of
-        each weight (each slice's backward would write a zero-filled full-size gradient)."""
-        L, W = self.num_classes, self.width
-        conv0, conv1, conv2, cls = self.body[0], self.body[2], self.body[4], self.classifier
-        hidden = F.relu(conv0(features), inplace=True)                 # (B, L*W, h, w)
-        w1, b1 = conv1.weight.split(W), conv1.bias.split(W)            # L x (W, W, 3, 3), L x (W,)
-        w2, b2 = conv2.weight.split(W), conv2.bias.split(W)
-        wc, bc = cls.weight.split(1), cls.bias.split(1)                # L x (1, W, 1, 1), L x (1,)
+        """Per class its dense 3x3, 3x3, 3x3, 1x1 convs (the public code's loop) on this module's
+        parameters, cut with ``split`` (whose backward is one concatenation; L slices of a weight
+        would each write a zero-filled full-size gradient).  The first convs are not run as one
+        D -> L*W conv here: on the CPU the L small ones measured faster (README)."""
+        W = self.width
+        convs = (self.body[0], self.body[2], self.body[4])
+        weights = [(conv.weight.split(W), conv.bias.split(W)) for conv in convs]   # L x (W, ., 3, 3), L x (W,)
+        wc, bc = self.classifier.weight.split(1), self.classifier.bias.split(1)   # L x (1, W, 1, 1), L x (1,)
         maps = []
-        for l, y in enumerate(hidden.split(W, dim=1)):
-            y = F.relu(F.conv2d(y, w1[l], b1[l], padding=1), inplace=True)
-            y = F.relu(F.conv2d(y, w2[l], b2[l], padding=1), inplace=True)
+        for l in range(self.num_classes):
+            y = features
+            for w, b in weights:
+                y = F.relu(F.conv2d(y, w[l], b[l], padding=1), inplace=True)
             maps.append(F.conv2d(y, wc[l], bc[l]))
         return torch.cat(maps, dim=1)
 
