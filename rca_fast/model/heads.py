@@ -48,10 +48,12 @@ class CAMHead(nn.Module):
 #   loop_channels_last      loop, in channels_last
 FINAL_HEAD_IMPLS = ("grouped", "loop", "grouped_channels_last", "loop_channels_last")
 # impl="auto": the implementation per device type.  CPU: measured (README, "Final CAM heads":
-# grouped was faster than loop at every size tried on the 2-core CPU).  CUDA: provisional until
-# benchmarks/bench_final_heads.py has run on the GPU (gpu_check.sh's final_heads step; its summary
-# says whether this pick is the fastest): channels_last dense convs, because a 512 -> 512 3x3 conv
-# in NHWC is the case cuDNN's tensor-core kernels are tuned for, and grouped convs have fewer.
+# grouped was the fastest or within 1% of it in each case on the 2-core CPU; channels_last
+# 1.2-1.4x slower).  CUDA: provisional until benchmarks/bench_final_heads.py has run on the GPU
+# (gpu_check.sh's final_heads step; its summary says whether this pick is within 5% of the
+# fastest): dense convs in channels_last, because a 512 -> 512 3x3 conv in NHWC is the case
+# cuDNN's tensor-core kernels are tuned for, and grouped convs with wide groups are reported
+# slower than the same convs run one by one (pytorch/pytorch#73764).
 FINAL_HEAD_AUTO = {"cpu": "grouped", "cuda": "loop_channels_last"}
 FINAL_HEAD_AUTO_DEFAULT = "grouped"   # any other device type
 
@@ -110,7 +112,7 @@ class PerClassCAMHead(nn.Module):
         if impl.endswith("_channels_last"):
             features = features.contiguous(memory_format=torch.channels_last)
         if impl.startswith("grouped"):
-            return self.classifier(self.body(features))
+            return self.classifier(self.body(features))   # grouped: one conv + grouped convs
         return self._loop(features)
 
     def _loop(self, features: torch.Tensor) -> torch.Tensor:
