@@ -199,7 +199,7 @@ MUTANTS = [
      "maps.append(F.conv2d(y, wc[l], bc[l]))", "maps.append(F.conv2d(y, wc[0], bc[l]))",
      ["tests/test_final_heads.py", "-k", "per_class_loop and L3 and loop"]),
     ("heads-grouped-third-conv-skipped", "rca_fast/model/heads.py",
-     "return self.classifier(self.body(features))   # grouped", "return self.classifier(F.relu(self.body[:4](features)))  #",
+     "maps = self.classifier(self.body(features))   # grouped", "maps = self.classifier(F.relu(self.body[:4](features)))  #",
      ["tests/test_final_heads.py", "-k", "per_class_loop and L1 and grouped"]),
     # ---------------------------------------------------------------- losses (model/losses.py)
     ("loss-coarse-weight-dropped", "rca_fast/model/losses.py",

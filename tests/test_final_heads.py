@@ -62,7 +62,7 @@ def test_each_impl_equals_the_per_class_loop(impl, L, D, W, B, h, w, gen):
     xf = x.float().requires_grad_(True)
     got = head(xf)
     got.backward(grad_out.float())
-    assert got.shape == (B, L, h, w)
+    assert got.shape == (B, L, h, w) and got.is_contiguous()   # NCHW whatever ran
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xf.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
     for name, p in head.named_parameters():

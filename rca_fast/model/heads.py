@@ -112,8 +112,12 @@ class PerClassCAMHead(nn.Module):
         if impl.endswith("_channels_last"):
             features = features.contiguous(memory_format=torch.channels_last)
         if impl.startswith("grouped"):
-            return self.classifier(self.body(features))   # grouped: one conv + grouped convs
-        return self._loop(features)
+            maps = self.classifier(self.body(features))   # grouped: one conv + grouped convs
+        else:
+            maps = self._loop(features)
+        # the maps leave in the default (NCHW) layout whatever ran: GAP, the att_dir maps and the
+        # kernels downstream see one layout (a copy of B*L*h*w values, small next to the convs)
+        return maps.contiguous()
 
     def _loop(self, features: torch.Tensor) -> torch.Tensor:
         """Per class its dense 3x3, 3x3, 3x3, 1x1 convs (the public code's loop) on this module's
