@@ -80,11 +80,13 @@ class PublicFinalHeads(nn.Module):
         super().__init__()
         L, W = head.num_classes, head.width
         D = head.body[0].in_channels
+        on = {"device": head.body[0].weight.device}    # built where the head is (and quick to init there)
         self.branches = nn.ModuleList()
         for l in range(L):
-            branch = nn.Sequential(nn.Conv2d(D, W, 3, padding=1), nn.ReLU(inplace=True),
-                                   nn.Conv2d(W, W, 3, padding=1), nn.ReLU(inplace=True),
-                                   nn.Conv2d(W, W, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(W, 1, 1))
+            branch = nn.Sequential(nn.Conv2d(D, W, 3, padding=1, **on), nn.ReLU(inplace=True),
+                                   nn.Conv2d(W, W, 3, padding=1, **on), nn.ReLU(inplace=True),
+                                   nn.Conv2d(W, W, 3, padding=1, **on), nn.ReLU(inplace=True),
+                                   nn.Conv2d(W, 1, 1, **on))
             with torch.no_grad():
                 for i, src in ((0, head.body[0]), (2, head.body[2]), (4, head.body[4]), (6, head.classifier)):
                     rows = slice(l, l + 1) if i == 6 else slice(l * W, (l + 1) * W)

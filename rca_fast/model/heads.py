@@ -122,8 +122,8 @@ class PerClassCAMHead(nn.Module):
     def _loop(self, features: torch.Tensor) -> torch.Tensor:
         """Per class its dense 3x3, 3x3, 3x3, 1x1 convs (the public code's loop) on this module's
         parameters, cut with ``split`` (whose backward is one concatenation; L slices of a weight
-        would each write a zero-filled full-size gradient).  The first convs are not run as one
-        D -> L*W conv here: on the CPU the L small ones measured faster (README)."""
+        would each write a zero-filled full-size gradient).  The first convs run per class too, as
+        in the public code: stacked into one D -> L*W conv they measured no faster on the CPU."""
         W = self.width
         convs = (self.body[0], self.body[2], self.body[4])
         weights = [(conv.weight.split(W), conv.bias.split(W)) for conv in convs]   # L x (W, ., 3, 3), L x (W,)
