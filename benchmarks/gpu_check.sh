@@ -2,9 +2,11 @@
 # One-shot GPU check for a fresh H100/H200 machine holding this repository (nothing installed by
 # hand, no package registry): bash benchmarks/gpu_check.sh OUT [--dry-run]
 #
-# In priority order: build the extension; the GPU tests; the headline benchmark rows; the VOC
-# training step (vgg16, batch 8, 368^2: eager, --amp, --compile); python -m rca_fast.profile ops
-# --shapes voc.  Every step's log (and the benchmark rows it records) is written under OUT as soon
+# In priority order: build the extension; the GPU tests; the headline benchmark rows; the final
+# CAM heads' implementations (bench_final_heads.py, run as a script: no pytest-benchmark needed); the
+# VOC training step (vgg16, batch 8, 368^2: eager, --amp, --compile).  (python -m rca_fast.profile
+# ops --shapes voc, whose rows repeat the op benchmarks', left the plan to fit the budget: run it by
+# hand.)  Every step's log (and the benchmark rows it records) is written under OUT as soon
 # as the step ends, and OUT/summary.md is rewritten after every step, so a run cut off at its limit
 # still returns what it did.  The whole run stops starting steps after BUDGET_S (420 s = 7 min)
 # and each step has its own timeout (never past the budget).  A step whose optional package is
@@ -73,10 +75,11 @@ GPU_STEPS=(
 # (needs pytest-benchmark; without scikit-learn the bench still times rca_fast against ref, and says so)
 "bench_kmeans|20|60|pytest_benchmark|if ! $PY -c 'import sklearn, threadpoolctl' 2>/dev/null; then echo 'scikit-learn or threadpoolctl is not installed: no sklearn rows (rca_fast vs ref only)'; fi; $PY -m pytest benchmarks/bench_kmeans.py --benchmark-only -s -q -p no:cacheprovider -k 'cuda and default_shape'"
 "bench_rca_head|25|60|pytest_benchmark|$PY -m pytest benchmarks/bench_rca_head.py --benchmark-only -s -q -p no:cacheprovider -k cuda"
+# (VOC and COCO, fp32 and bf16 autocast, 5 implementations; the summary says whether impl="auto" picks the fastest)
+"final_heads|35|90|-|$PY benchmarks/bench_final_heads.py --device cuda"
 "step_eager|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --profile-out \"\$OUT/step_eager\""
 "step_amp|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --amp --profile-out \"\$OUT/step_amp\""
 "step_compile|60|120|-|$PY -m rca_fast.profile step --backbone vgg16 --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --compile --profile-out \"\$OUT/step_compile\""
-"profile_ops|30|90|-|$PY -m rca_fast.profile ops --shapes voc --backends torch,triton,cuda --no-plot --progress off --out \"\$OUT/profile_ops\""
 )
 CPU_STEPS=(
 "env|5|30|-|$PY -c 'import sys, torch, triton; print(sys.version); print(torch.__version__, triton.__version__); print(\"no CUDA device: the CPU subset\")'"
@@ -157,6 +160,18 @@ for r in pick("kmeans", "rca_fast"):
 for r in pick("rca_head"):
     if r.get("speedup_vs_public") is not None:
         targets.append((f"RCA head {r.get('impl')} vs the public loops", f"{fmt(r['speedup_vs_public'], '.1f')}x", None))
+heads = {}
+for r in pick("final_heads"):   # the latest row per implementation of each (case, dtype, device)
+    heads.setdefault((r.get("case"), r.get("dtype"), r.get("device")), {})[r.get("impl")] = r
+for (case, dtype, _), by_impl in heads.items():
+    rs = list(by_impl.values())
+    best = min(rs, key=lambda r: r["ms"])
+    auto = next((r for r in rs if r.get("impl") == r.get("auto_impl")), None)
+    pub = next((r for r in rs if r.get("impl") == "public_loop"), None)
+    measured = (f"auto {auto['impl'] if auto else '?'} {fmt(auto and auto['ms'], '.1f')} ms, fastest {best['impl']} "
+                f"{fmt(best['ms'], '.1f')} ms, public loop {fmt(pub and pub['ms'], '.1f')} ms")
+    targets.append((f"final heads fwd+bwd {case} {dtype} ({best.get('shape')}): impl='auto' within 5% of the fastest",
+                    measured, auto is not None and auto["ms"] <= 1.05 * best["ms"]))
 for name in ("step_eager", "step_amp", "step_compile"):
     p = os.path.join(out, name, "step.json")
     if os.path.exists(p):

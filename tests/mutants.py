@@ -213,6 +213,17 @@ MUTANTS = [
     ("ext-ema-gamma-swapped", "csrc/cpu/ema.cpp",
      "const cd_t a = static_cast<cd_t>(gamma);", "const cd_t a = static_cast<cd_t>(1.0 - gamma);",
      ["tests/test_ema_ext.py", "-k", "cpu"]),
+    # ---------------------------------------------------------------- final CAM heads (model/heads.py)
+    ("heads-loop-bias-of-class-0", "rca_fast/model/heads.py",
+     "y = F.relu(F.conv2d(y, w[l], b[l], padding=1), inplace=True)",
+     "y = F.relu(F.conv2d(y, w[l], b[0], padding=1), inplace=True)",
+     ["tests/test_final_heads.py", "-k", "per_class_loop and L3 and loop"]),
+    ("heads-loop-classifier-of-class-0", "rca_fast/model/heads.py",
+     "maps.append(F.conv2d(y, wc[l], bc[l]))", "maps.append(F.conv2d(y, wc[0], bc[l]))",
+     ["tests/test_final_heads.py", "-k", "per_class_loop and L3 and loop"]),
+    ("heads-grouped-third-conv-skipped", "rca_fast/model/heads.py",
+     "maps = self.classifier(self.body(features))   # grouped", "maps = self.classifier(F.relu(self.body[:4](features)))  #",
+     ["tests/test_final_heads.py", "-k", "per_class_loop and L1 and grouped"]),
     # ---------------------------------------------------------------- losses (model/losses.py)
     ("loss-coarse-weight-dropped", "rca_fast/model/losses.py",
      "total = cls + coarse_weight * coarse", "total = cls + coarse",

@@ -35,13 +35,13 @@ def test_dry_run_lists_the_steps_in_priority_order_within_seven_minutes(tmp_path
     gpu = next(v for k, v in plans.items() if "GPU machine" in k)
     cpu = next(v for k, v in plans.items() if "CPU subset" in k)
     names = [s[0] for s in gpu]
-    # the issue's priority order: build, GPU tests, the headline rows, the step, profile ops
+    # the priority order: build, GPU tests, the headline rows, the final heads (issue 18), the step
     order = ["build", "gpu_tests", "bench_map", "bench_nce", "bench_attention", "bench_ema", "bench_kmeans",
-             "bench_rca_head", "step_eager", "step_amp", "step_compile", "profile_ops"]
+             "bench_rca_head", "final_heads", "step_eager", "step_amp", "step_compile"]
     assert [n for n in names if n in order] == order
     assert sum(s[1] for s in gpu) == totals[0][0] <= totals[0][1] <= 420
     assert all(0 < est <= timeout for _, est, timeout in gpu + cpu)
-    assert "--shapes voc" in proc.stdout and "--build-only" in proc.stdout
+    assert "bench_final_heads.py --device cuda" in proc.stdout and "--build-only" in proc.stdout
     assert "gpu_tests" not in [s[0] for s in cpu] and cpu
 
 
@@ -83,6 +83,16 @@ def test_benchmark_steps_are_skipped_without_pytest_benchmark(tmp_path):
     assert len(bench) >= 6
     for name, (need, _) in bench.items():
         assert need == "pytest_benchmark", f"{name} is skipped on a missing {need}, not pytest_benchmark"
+
+
+def test_final_heads_step_needs_no_optional_module(tmp_path):
+    """The final heads benchmark runs as a script (its own timing loop, harness rows), so the GPU
+    machine measures it even without pytest-benchmark; every implementation, VOC and COCO, fp32 and
+    bf16 are its defaults."""
+    need, cmd = _dry_run(tmp_path)["final_heads"]
+    assert need is None and "--benchmark-only" not in cmd and "--device cuda" in cmd
+    for option in ("--cases", "--dtypes", "--impls"):
+        assert option not in cmd
 
 
 def test_gpu_tests_step_runs_without_scikit_learn(tmp_path):

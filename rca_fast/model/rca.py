@@ -168,6 +168,9 @@ class RCAModel(nn.Module):
     New layers (heads, projector, aggregation, resnet50's conv1x1) get the public code's
     initialisation: every conv weight N(0, 0.01), PyTorch's default biases.
         shared_final_head: one final CAM head for all classes instead of one branch per class.
+        final_head_impl: how the per-class final head runs its branches: "auto" (per device, see
+            ``heads.FINAL_HEAD_AUTO``) or one of ``heads.FINAL_HEAD_IMPLS``; same parameters
+            whichever runs (ignored with ``shared_final_head``).
         bank_dtype: dtype of the memory bank.
     Head widths equal the feature dimension D (512 for vgg16/resnet50, 64 for tiny).
     """
@@ -178,7 +181,7 @@ class RCAModel(nn.Module):
                  mixup: bool = True, mixup_alpha: float = 8.0, aggregation: str = "softmax",
                  shared_final_head: bool = False, bank_dtype: torch.dtype = torch.float32,
                  attention_scale: str = "sqrt", prototype_init: str = "randn", first_write: str = "ema",
-                 kmeans_warm_start: bool = False):
+                 kmeans_warm_start: bool = False, final_head_impl: str = "auto"):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"RCAModel: num_classes must be an int >= 1, got {num_classes!r}")
@@ -202,7 +205,8 @@ class RCAModel(nn.Module):
         # Without contrast the projector would be an unused parameter set (DDP rejects those).
         self.projector = Projector(D) if self.contrast else None
         self.aggregation = PrototypeAggregation(D, aggregation, attention_scale)
-        self.final_head = CAMHead(D, D, num_classes) if shared_final_head else PerClassCAMHead(D, D, num_classes)
+        self.final_head = (CAMHead(D, D, num_classes) if shared_final_head
+                           else PerClassCAMHead(D, D, num_classes, impl=final_head_impl))
         self.bank = MemoryBank(num_classes, bank_slots, D, gamma=gamma, prototypes=prototypes,
                                score_threshold=score_threshold, dtype=bank_dtype, prototype_init=prototype_init,
                                first_write=first_write, kmeans_warm_start=kmeans_warm_start)
