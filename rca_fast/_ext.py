@@ -75,7 +75,7 @@ def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target
     return bank
 
 
-def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4, seed: int = 0,
+def kmeans(points: torch.Tensor, k: int, *, iters: int = 300, tol: float = 1e-4, seed: int = 0,
            init: str = "k-means++", n_init: int = 1):
     """Batched k-means of ``points`` (L, S, D) or (S, D): centroids (L, K, D) in the points' dtype,
     labels (L, S) int64, inertia (L,) (float64 for float64 points, else float32)."""

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed
-from .data import (SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation, find_mask_dir,
+from .data import (PublicTrainTransform, SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation, find_mask_dir,
                    synthetic_class_names, COCO_CLASSES, VOC_CLASSES)
 from .model.losses import rca_loss
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales
@@ -104,7 +104,12 @@ def kaiming_init_(model: torch.nn.Module, keep_pretrained: bool = False) -> None
     scale, and the network learns.  (VGG16/ResNet50 come with their own init or weights.)
     """
     modules = model.new_modules() if keep_pretrained else [model]
-    for module in (m for top in modules for m in top.modules()):
+    # The linear (public) aggregation keeps the public init (convs N(0, 0.01), PyTorch's Linear):
+    # its output is a product of three He-scaled maps, q.k summed over all L*K prototypes times v,
+    # which is not a conv + ReLU stack; He-normal there gave logits ~1e9 in the first steps and a
+    # NaN loss (synthetic data, tiny backbone, lr 0.01).
+    skip = set(model.aggregation.modules()) if getattr(model.aggregation, "mode", None) == "linear" else set()
+    for module in (m for top in modules for m in top.modules() if m not in skip):
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
             if module.bias is not None:
@@ -124,16 +129,22 @@ def cpu_threads(requested: int) -> int:
 
 
 def build_datasets(args):
-    """(train set, eval set or None, class names) for ``args.dataset``."""
+    """(train set, eval set or None, class names) for ``args.dataset``.
+
+    The training transform follows ``--input-pipeline``: ``public`` = the public loader's (square
+    resize, ColorJitter with hue in random order, nothing else; the synthetic scenes are already
+    square: jitter only), ``augmented`` = rca_fast's earlier one (rescale, flip, crop; synthetic:
+    flip only)."""
+    public = getattr(args, "input_pipeline", "public") == "public"
     if args.dataset == "synthetic":
         train = SyntheticShapes(args.num_images, args.num_classes, args.input_size, seed=args.seed,
-                                split="train", flip=True)
+                                split="train", flip=not public, jitter=public)
         val = SyntheticShapes(args.val_images, args.num_classes, args.input_size, seed=args.seed,
                               split="val") if args.val_images else None
         return train, val, synthetic_class_names(args.num_classes)
     names = VOC_CLASSES if args.num_classes == 20 else COCO_CLASSES if args.num_classes == 80 else \
         [f"class {k}" for k in range(args.num_classes)]
-    transform = TrainTransform(args.input_size, args.crop_size)
+    transform = PublicTrainTransform(args.input_size) if public else TrainTransform(args.input_size, args.crop_size)
     train = VOCClassification(args.train_list, args.img_dir, args.num_classes, transform,
                               cls_labels=args.cls_labels)
     val = None
@@ -291,8 +302,9 @@ class Trainer:
         path = os.path.join(self.args.out, LATEST_NAME)
         scheduler = {"kind": "step-per-epoch", "base_lr": self.args.lr, "decay_points": self.args.decay_points_list,
                      "lr_factor": self.lr_factor(max(self.epoch, 1))}
-        sampler = {"kind": "DistributedSampler", "seed": self.args.seed, "epoch": self.epoch, "shuffle": True,
-                   "drop_last": True, "batch_in_epoch": self.batch_in_epoch, "world_size": self.world}
+        sampler = {"kind": "DistributedSampler", "seed": self.args.seed, "epoch": self.epoch,
+                   "shuffle": self.shuffled(), "drop_last": self.shuffled(), "batch_in_epoch": self.batch_in_epoch,
+                   "world_size": self.world}
         return save_checkpoint(path, model=self.model, optimizer=self.optimizer, epoch=self.epoch,
                                step=self.step, epoch_done=self.epoch_done, batch_in_epoch=self.batch_in_epoch,
                                model_config=self.config, args=vars(self.args), keep=self.args.keep,
@@ -321,15 +333,27 @@ class Trainer:
             group["lr"] = self.args.lr * group.get("lr_mult", 1.0) * factor
         return self.args.lr * factor
 
-    def batches(self, epoch: int, skip: int = 0) -> DataLoader:
-        """This rank's batches of the epoch in the DistributedSampler's order for (seed, epoch) --
-        full batches only (BatchNorm in the projector) --, the first ``skip`` left out."""
-        bs = self.args.batch_size
-        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                     seed=self.args.seed, drop_last=True)
+    # ---- data order (--input-pipeline) ----
+    # public: the public loader's order -- the list order every epoch (shuffle=False) and the last
+    #   partial batch kept, so every image is seen every epoch (under DDP the DistributedSampler
+    #   pads the list with its first images to an equal share per rank, so all ranks step alike);
+    # augmented: a fresh shuffle per (seed, epoch), full batches only.
+    def shuffled(self) -> bool:
+        return getattr(self.args, "input_pipeline", "public") != "public"
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        """This rank's dataset indices of the epoch, in order (all of them: partial batch included)."""
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank,
+                                     shuffle=self.shuffled(), seed=self.args.seed, drop_last=self.shuffled())
         sampler.set_epoch(epoch)
-        order = list(sampler)
-        usable = (len(order) // bs) * bs if len(order) >= bs else len(order)
+        return list(sampler)
+
+    def batches(self, epoch: int, skip: int = 0) -> DataLoader:
+        """This rank's batches of the epoch (:meth:`epoch_order` cut into ``--batch_size`` pieces:
+        the partial last one kept (public) or dropped (augmented)), the first ``skip`` left out."""
+        bs = self.args.batch_size
+        order = self.epoch_order(epoch)
+        usable = len(order) if not self.shuffled() or len(order) < bs else (len(order) // bs) * bs
         batches = [order[i:i + bs] for i in range(0, usable, bs)][skip:]
         # own generator: the loader's base seed must not come from (and advance) the global RNG,
         # or a resumed run would draw differently from an uninterrupted one
@@ -339,8 +363,10 @@ class Trainer:
                           persistent_workers=False, generator=loader_gen)
 
     def steps_per_epoch(self) -> int:
-        per_rank, bs = len(self.train_set) // self.world, self.args.batch_size
-        return max(1, per_rank // bs)
+        bs = self.args.batch_size
+        if not self.shuffled():  # public: ceil of the padded share (DistributedSampler, drop_last=False)
+            return math.ceil(math.ceil(len(self.train_set) / self.world) / bs)
+        return max(1, (len(self.train_set) // self.world) // bs)
 
     # ---- training ----
     def compute_loss(self, batch: Dict, epoch: int):
@@ -419,7 +445,8 @@ class Trainer:
             # at the start of every later one.  A resumed partial epoch keeps the prototypes its
             # start computed (restored with the model).  Warm start: one fixed seed (the first fit).
             seed = self.args.seed if self.args.kmeans_warm_start else self.args.seed * 1000 + epoch
-            self.model.refresh_prototypes(seed=seed, n_init=self.args.kmeans_n_init)
+            self.model.refresh_prototypes(seed=seed, n_init=self.args.kmeans_n_init,
+                                          iters=getattr(self.args, "kmeans_iters", 300))
             if getattr(self.args, "aggregation_zero_start", False) and epoch == self.args.aggregation_start_epoch:
                 # the first k-means prototypes replace the earlier context at once; with the
                 # aggregation's output conv zeroed the fused features do not jump, the context
