@@ -73,9 +73,9 @@ GPU_STEPS=(
 # (needs pytest-benchmark; without scikit-learn the bench still times rca_fast against ref, and says so)
 "bench_kmeans|20|60|pytest_benchmark|if ! $PY -c 'import sklearn, threadpoolctl' 2>/dev/null; then echo 'scikit-learn or threadpoolctl is not installed: no sklearn rows (rca_fast vs ref only)'; fi; $PY -m pytest benchmarks/bench_kmeans.py --benchmark-only -s -q -p no:cacheprovider -k 'cuda and default_shape'"
 "bench_rca_head|25|60|pytest_benchmark|$PY -m pytest benchmarks/bench_rca_head.py --benchmark-only -s -q -p no:cacheprovider -k cuda"
-"step_eager|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --profile-out \"\$OUT/step_eager\""
-"step_amp|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --amp --profile-out \"\$OUT/step_amp\""
-"step_compile|60|120|-|$PY -m rca_fast.profile step --backbone vgg16 --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --compile --profile-out \"\$OUT/step_compile\""
+"step_eager|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --pretrained none --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --profile-out \"\$OUT/step_eager\""
+"step_amp|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --pretrained none --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --amp --profile-out \"\$OUT/step_amp\""
+"step_compile|60|120|-|$PY -m rca_fast.profile step --backbone vgg16 --pretrained none --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --compile --profile-out \"\$OUT/step_compile\""
 "profile_ops|30|90|-|$PY -m rca_fast.profile ops --shapes voc --backends torch,triton,cuda --no-plot --progress off --out \"\$OUT/profile_ops\""
 )
 CPU_STEPS=(

@@ -9,7 +9,7 @@ Schedule (DESIGN §2), epochs counted from 1:
     ``--contrast-start-epoch`` = 3 on, as the public code's 0-based ``epoch >= 2``), backward,
     SGD step, then ``model.update_bank(out)`` (the coarse CAM's region rows whose FINAL-head
     class score passes the threshold).  The bank is a
-    buffer: it never requires grad (checked every step -- the public code crashed on that);
+    buffer: it never requires grad (checked every step);
   * after every epoch, every ``--save-every`` steps and at the end: an atomic checkpoint
     ``OUT/checkpoint_step<N>.pt`` (the last ``--keep`` kept; ``OUT/checkpoint.pt`` is the newest)
     with model, bank, optimiser, schedule, sampler position and every RNG state, so
@@ -18,6 +18,11 @@ Schedule (DESIGN §2), epochs counted from 1:
     run before its update (the last checkpoint stays the good one);
   * at the end the CAM mIoU of the final head O on images with masks, swept over background
     thresholds as ``rca_fast.evaluate`` does, written to ``OUT/metrics.json``.
+
+Data (``--input-pipeline``): ``public`` = the public loader (square resize, colour jitter with hue,
+list order, last partial batch kept); ``augmented`` = rescale/flip/crop, shuffled, full batches.
+``--att_dir``: the public max-accumulated training maps, with a map for every tagged class
+(``AttentionMaps.fill_missing``).  ``--backbone vgg16|resnet50`` needs ``--pretrained PATH|none``.
 
 Under ``torchrun --nproc_per_node N -m rca_fast.train`` the model runs in DDP (NCCL / gloo),
 each rank reads its DistributedSampler share, the bank stays identical through the rank-ordered
@@ -45,8 +50,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed
-from .data import (PublicTrainTransform, SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation, find_mask_dir,
-                   synthetic_class_names, COCO_CLASSES, VOC_CLASSES)
+from .data.training import build_datasets
 from .model.losses import rca_loss
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales
 from .utils.att_maps import AttentionMaps
@@ -54,7 +58,7 @@ from .utils.checkpoint import (LATEST_NAME, capture_rng_state, latest_checkpoint
                                load_model_state, restore_rng_state, save_checkpoint)
 from .utils.logs import get_logger
 from .utils.metrics import CamSweepMeter, format_iou_table
-from .utils.train_args import parse_args
+from .utils.train_args import parse_args, require_pretrained
 
 LOSS_KEYS = ("loss", "cls", "coarse_cls", "contrast")
 
@@ -128,39 +132,6 @@ def cpu_threads(requested: int) -> int:
     return torch.get_num_threads()
 
 
-def build_datasets(args):
-    """(train set, eval set or None, class names) for ``args.dataset``.
-
-    The training transform follows ``--input-pipeline``: ``public`` = the public loader's (square
-    resize, ColorJitter with hue in random order, nothing else; the synthetic scenes are already
-    square: jitter only), ``augmented`` = rca_fast's earlier one (rescale, flip, crop; synthetic:
-    flip only)."""
-    public = getattr(args, "input_pipeline", "public") == "public"
-    if args.dataset == "synthetic":
-        train = SyntheticShapes(args.num_images, args.num_classes, args.input_size, seed=args.seed,
-                                split="train", flip=not public, jitter=public)
-        val = SyntheticShapes(args.val_images, args.num_classes, args.input_size, seed=args.seed,
-                              split="val") if args.val_images else None
-        return train, val, synthetic_class_names(args.num_classes)
-    names = VOC_CLASSES if args.num_classes == 20 else COCO_CLASSES if args.num_classes == 80 else \
-        [f"class {k}" for k in range(args.num_classes)]
-    transform = PublicTrainTransform(args.input_size) if public else TrainTransform(args.input_size, args.crop_size)
-    train = VOCClassification(args.train_list, args.img_dir, args.num_classes, transform,
-                              cls_labels=args.cls_labels)
-    val = None
-    mask_dir = args.mask_dir or find_mask_dir(args.data_root)
-    if args.test_list and mask_dir:
-        val = VOCSegmentation(args.test_list, args.img_dir, args.num_classes, mask_dir=mask_dir,
-                              long_side=args.input_size, cls_labels=args.cls_labels,
-                              max_images=args.val_images or None)
-        if any(label is None for label in val.labels):
-            # CAMs are scored for the tagged classes: without tags there is nothing to score
-            print(f"{args.test_list} has images without class tags (give the 'name c c ...' format or "
-                  f"--cls-labels): CAM evaluation skipped", file=sys.stderr)
-            val = None
-    return train, val, list(names)
-
-
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C (SIGINT) once the checkpoint of the last finished step is written."""
 
@@ -195,6 +166,10 @@ class Trainer:
         self.att_maps = AttentionMaps(args.att_dir, self.train_set.names, args.num_classes, args.input_size,
                                       args.epoch) if args.att_dir else None
         self.config = model_config(args)
+        # before the model is built: a VGG16/ResNet50 run without ImageNet weights stops here unless
+        # it says --pretrained none (or resumes: the checkpoint holds the weights)
+        resume = self.resolve_resume(args.resume)
+        require_pretrained(args, resuming=bool(resume))
         self.model = build_model(self.config, args.pretrained)
         if args.init == "kaiming" or (args.init == "auto" and args.backbone == "tiny"):
             kaiming_init_(self.model, keep_pretrained=bool(args.pretrained))
@@ -220,7 +195,6 @@ class Trainer:
         self.last_saved_step = -1
         self.stop_requested = False
         self.stop_agreed = False  # a stop every rank knows of (train_step's all-reduce)
-        resume = self.resolve_resume(args.resume)
         if resume:
             self.load(resume)
         self.forward_model = self.model
@@ -528,6 +502,12 @@ class Trainer:
         if self.att_maps is not None:
             self.att_maps.merge_ranks()
             if self.is_main:
+                # a finished run only (a --max-steps stop is continued later by --resume)
+                filled = self.att_maps.fill_missing(self.model, self.train_set, args.batch_size, self.device, collate) \
+                    if self.epoch >= args.epoch and self.epoch_done else 0
+                if filled:
+                    self.log.info(f"--att_dir: {filled} tagged (image, class) pairs had no map after training "
+                                  f"(images not seen in the last epoch); written from one more forward pass")
                 count = self.att_maps.write_pngs(progress=bool(args.progress))
                 self.log.info(f"--att_dir: wrote {count} attention maps to {args.att_dir}")
         train_seconds = time.time() - start

@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "or SegmentationClass)")
     ours.add_argument("--backbone", choices=("vgg16", "resnet50", "tiny"), default=None,
                       help="synthetic: tiny; voc/coco: vgg16")
-    ours.add_argument("--pretrained", default=None, help="local backbone weights (torchvision state dict)")
+    ours.add_argument("--pretrained", default=None,
+                      help="local backbone weights (a torchvision state dict file; nothing is downloaded). "
+                           "Required for --backbone vgg16/resnet50 (the public code always starts from "
+                           "ImageNet weights); 'none' trains them from scratch on purpose")
     ours.add_argument("--device", default=None, help="cuda / cpu / cuda:1 (default: cuda when available)")
     ours.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and synthetic data")
     ours.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in all")
@@ -230,6 +233,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.decay_points_list = parse_decay_points(args.decay_points)
+    # --pretrained none: from scratch on purpose (see require_pretrained)
+    args.from_scratch = isinstance(args.pretrained, str) and args.pretrained.strip().lower() == "none"
+    if args.from_scratch:
+        args.pretrained = None
     args.bank_dtype = BANK_DTYPES[args.bank_dtype]
     for flag, value, low in (("--num_classes", args.num_classes, 1), ("--batch_size", args.batch_size, 1),
                              ("--epoch", args.epoch, 1), ("--input_size", args.input_size, 16),
@@ -270,6 +277,26 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.cls_labels is None and os.path.isfile(os.path.join(root, "cls_labels.npy")):
             args.cls_labels = os.path.join(root, "cls_labels.npy")
     return args
+
+
+# torchvision's ImageNet files of the backbones --pretrained takes (download them once, elsewhere)
+WEIGHT_FILES = {"vgg16": "vgg16-397923af.pth", "resnet50": "resnet50-0676ba61.pth"}
+
+
+def require_pretrained(args: argparse.Namespace, resuming: bool = False) -> None:
+    """ValueError unless a VGG16/ResNet50 run says where its ImageNet weights are.
+
+    The public code always starts its VGG16 from ImageNet weights; a drop-in command line that
+    forgot --pretrained would otherwise train a randomly initialised network for hours.  From
+    scratch needs ``--pretrained none`` (``args.from_scratch``); a resumed run takes its weights
+    from the checkpoint."""
+    if args.backbone in WEIGHT_FILES and args.pretrained is None and not args.from_scratch and not resuming:
+        raise ValueError(
+            f"--backbone {args.backbone} needs --pretrained: the public code starts from ImageNet weights and "
+            f"rca_fast never downloads them. Give a local torchvision state dict, e.g. --pretrained "
+            f"~/.cache/torch/hub/checkpoints/{WEIGHT_FILES[args.backbone]} (torchvision's file; "
+            f"torchvision.models.{args.backbone}(weights='IMAGENET1K_V1') downloads it there on a machine "
+            f"with network), or --pretrained none to train from scratch on purpose")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
