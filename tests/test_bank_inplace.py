@@ -20,11 +20,10 @@ INPLACE = "modified by an inplace operation"
 
 def _nce_providers():
     out = [pytest.param(ref_nce, id="nce-torch")]
-    try:
-        from rca_fast.kernels.nce import bank_nce_loss as triton_nce
-        out.append(pytest.param(triton_nce, id="nce-triton"))
-    except Exception as exc:  # no Triton
-        out.append(pytest.param(None, id="nce-triton", marks=pytest.mark.skip(reason=f"no Triton: {exc}")))
+    spec = _dispatch.PROVIDERS["bank_nce_loss"]["triton"]   # the dispatcher's own name for it
+    triton_nce = _dispatch._load(spec)
+    out.append(pytest.param(triton_nce, id="nce-triton", marks=[] if triton_nce else pytest.mark.skip(
+        reason=f"no Triton: {_dispatch._load_errors.get(spec)}")))
     return out
 
 
