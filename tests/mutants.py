@@ -225,7 +225,7 @@ MUTANTS = [
      "    torch.autograd.graph.increment_version(bank)\n", "",
      ["tests/test_bank_inplace.py"]),
     ("att-dir-no-fill", "rca_fast/train.py",
-     "filled = self.fill_att_maps() if", "filled = 0 if",
+     "filled = self.att_maps.fill_missing(", "filled = 0 and self.att_maps.fill_missing(",
      ["tests/test_att_dir_every_image.py", "-k", "every_tagged_class"]),
     ("pretrained-not-required", "rca_fast/train.py",
      "        require_pretrained(args, resuming=bool(resume))", "        pass",
