@@ -77,9 +77,9 @@ GPU_STEPS=(
 "bench_rca_head|25|60|pytest_benchmark|$PY -m pytest benchmarks/bench_rca_head.py --benchmark-only -s -q -p no:cacheprovider -k cuda"
 # (VOC and COCO, fp32 and bf16 autocast, 5 implementations; the summary says whether impl="auto" picks the fastest)
 "final_heads|35|90|-|$PY benchmarks/bench_final_heads.py --device cuda"
-"step_eager|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --profile-out \"\$OUT/step_eager\""
-"step_amp|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --amp --profile-out \"\$OUT/step_amp\""
-"step_compile|60|120|-|$PY -m rca_fast.profile step --backbone vgg16 --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --compile --profile-out \"\$OUT/step_compile\""
+"step_eager|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --pretrained none --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --profile-out \"\$OUT/step_eager\""
+"step_amp|20|60|-|$PY -m rca_fast.profile step --backbone vgg16 --pretrained none --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --amp --profile-out \"\$OUT/step_amp\""
+"step_compile|60|120|-|$PY -m rca_fast.profile step --backbone vgg16 --pretrained none --batch_size 8 --crop_size 368 --steps 3 --warmup-steps 1 --no-public --no-trace --no-plot --progress off --compile --profile-out \"\$OUT/step_compile\""
 )
 CPU_STEPS=(
 "env|5|30|-|$PY -c 'import sys, torch, triton; print(sys.version); print(torch.__version__, triton.__version__); print(\"no CUDA device: the CPU subset\")'"

@@ -8,10 +8,14 @@ the same seeds (so the runs are paired by seed: same data, same order, same init
 the shared layers):
 
     baseline         --no-contrast --no-aggregation
-    public RCA       --recipe public       (what the public code computes)
+    public RCA       --recipe public       (what the public code computes; since issue 19 with its
+                                           input pipeline, linear aggregation, k-means max_iter 300
+                                           and projector bias: method_check_faithful.md, run with
+                                           --variants baseline "public RCA" "improved RCA")
     improved RCA     --recipe improved     (the committed method_check.md ran the first improved
                                            recipe, before --aggregation-zero-start joined it; the
-                                           current recipe's runs: method_check_zero_start.md)
+                                           current recipe's runs: method_check_zero_start.md, and
+                                           with the public input pipeline method_check_faithful.md)
     contrast only    --no-aggregation      (public recipe)
     aggregation only --no-contrast         (public recipe)
 

@@ -6,7 +6,8 @@ plain-torch reference with one warning.  The extension has a CPU twin (C++, Open
 the tensors' device picks one.  Both ops are registered with ``torch.library`` (schema in
 ``csrc/ops.cpp``, fake implementations below), so ``torch.compile`` traces through them:
 
-* ``torch.ops.rca_fast.ema_update_(bank, ptr, emb, target, gamma) -> ()`` mutates bank and ptr;
+* ``torch.ops.rca_fast.ema_update_(bank, ptr, emb, target, gamma) -> ()`` mutates bank and ptr
+  (and bumps their autograd version counters, as an in-place torch op does);
 * ``torch.ops.rca_fast.kmeans(points, k, iters, tol, seed, random_init, n_init)
   -> (centroids, labels, inertia)``.
 
@@ -52,6 +53,27 @@ def _kmeans_fake(points, k, iters, tol, seed, random_init, n_init):
 _register_fakes()
 
 
+# The schema marks bank and ptr as mutated (``Tensor(a!)``), but an op defined in C++ gets no
+# ADInplaceOrView kernel, and that kernel is what bumps autograd's version counters of mutated
+# inputs (torch's own in-place ops and Python custom ops have one).  Without it, an EMA update of a
+# bank that a pending backward saved (ops.bank_nce_loss saves it) went unnoticed and the backward
+# silently used the new bank: the query gradient changed by ~57% where the torch backend raises
+# autograd's "modified by an inplace operation" error.  This kernel bumps both counters and
+# passes the call on, so every backend raises that error.
+_LIB = torch.library.Library("rca_fast", "IMPL")  # kept alive: registrations die with it
+
+
+def _ema_update_inplace_or_view(keyset, bank, ptr, emb, target, gamma):
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        torch.ops.rca_fast.ema_update_.default.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset,
+                                                          bank, ptr, emb, target, gamma)
+    torch.autograd.graph.increment_version(bank)
+    torch.autograd.graph.increment_version(ptr)
+
+
+_LIB.impl("ema_update_", _ema_update_inplace_or_view, "ADInplaceOrView", with_keyset=True)
+
+
 def _cuda_unavailable(tensor: torch.Tensor) -> bool:
     """True (with a one-time warning) for CUDA tensors when the extension has no CUDA code."""
     global _warned_no_cuda
@@ -75,7 +97,7 @@ def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target
     return bank
 
 
-def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4, seed: int = 0,
+def kmeans(points: torch.Tensor, k: int, *, iters: int = 300, tol: float = 1e-4, seed: int = 0,
            init: str = "k-means++", n_init: int = 1):
     """Batched k-means of ``points`` (L, S, D) or (S, D): centroids (L, K, D) in the points' dtype,
     labels (L, S) int64, inertia (L,) (float64 for float64 points, else float32)."""

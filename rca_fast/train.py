@@ -9,7 +9,7 @@ Schedule (DESIGN §2), epochs counted from 1:
     ``--contrast-start-epoch`` = 3 on, as the public code's 0-based ``epoch >= 2``), backward,
     SGD step, then ``model.update_bank(out)`` (the coarse CAM's region rows whose FINAL-head
     class score passes the threshold).  The bank is a
-    buffer: it never requires grad (checked every step -- the public code crashed on that);
+    buffer: it never requires grad (checked every step);
   * after every epoch, every ``--save-every`` steps and at the end: an atomic checkpoint
     ``OUT/checkpoint_step<N>.pt`` (the last ``--keep`` kept; ``OUT/checkpoint.pt`` is the newest)
     with model, bank, optimiser, schedule, sampler position and every RNG state, so
@@ -18,6 +18,11 @@ Schedule (DESIGN §2), epochs counted from 1:
     run before its update (the last checkpoint stays the good one);
   * at the end the CAM mIoU of the final head O on images with masks, swept over background
     thresholds as ``rca_fast.evaluate`` does, written to ``OUT/metrics.json``.
+
+Data (``--input-pipeline``): ``public`` = the public loader (square resize, colour jitter with hue,
+list order, last partial batch kept); ``augmented`` = rescale/flip/crop, shuffled, full batches.
+``--att_dir``: the public max-accumulated training maps, with a map for every tagged class
+(``AttentionMaps.fill_missing``).  ``--backbone vgg16|resnet50`` needs ``--pretrained PATH|none``.
 
 Under ``torchrun --nproc_per_node N -m rca_fast.train`` the model runs in DDP (NCCL / gloo),
 each rank reads its DistributedSampler share, the bank stays identical through the rank-ordered
@@ -45,8 +50,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed
-from .data import (SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation, find_mask_dir,
-                   synthetic_class_names, COCO_CLASSES, VOC_CLASSES)
+from .data.training import build_datasets
 from .model.losses import rca_loss
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales
 from .utils.att_maps import AttentionMaps
@@ -54,7 +58,7 @@ from .utils.checkpoint import (LATEST_NAME, capture_rng_state, latest_checkpoint
                                load_model_state, restore_rng_state, save_checkpoint)
 from .utils.logs import get_logger
 from .utils.metrics import CamSweepMeter, format_iou_table
-from .utils.train_args import parse_args
+from .utils.train_args import parse_args, require_pretrained
 
 LOSS_KEYS = ("loss", "cls", "coarse_cls", "contrast")
 
@@ -104,7 +108,12 @@ def kaiming_init_(model: torch.nn.Module, keep_pretrained: bool = False) -> None
     scale, and the network learns.  (VGG16/ResNet50 come with their own init or weights.)
     """
     modules = model.new_modules() if keep_pretrained else [model]
-    for module in (m for top in modules for m in top.modules()):
+    # The linear (public) aggregation keeps the public init (convs N(0, 0.01), PyTorch's Linear):
+    # its output is a product of three He-scaled maps, q.k summed over all L*K prototypes times v,
+    # which is not a conv + ReLU stack; He-normal there gave logits ~1e9 in the first steps and a
+    # NaN loss (synthetic data, tiny backbone, lr 0.01).
+    skip = set(model.aggregation.modules()) if getattr(model.aggregation, "mode", None) == "linear" else set()
+    for module in (m for top in modules for m in top.modules() if m not in skip):
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
             if module.bias is not None:
@@ -121,33 +130,6 @@ def cpu_threads(requested: int) -> int:
     if requested > 0:
         return requested
     return torch.get_num_threads()
-
-
-def build_datasets(args):
-    """(train set, eval set or None, class names) for ``args.dataset``."""
-    if args.dataset == "synthetic":
-        train = SyntheticShapes(args.num_images, args.num_classes, args.input_size, seed=args.seed,
-                                split="train", flip=True)
-        val = SyntheticShapes(args.val_images, args.num_classes, args.input_size, seed=args.seed,
-                              split="val") if args.val_images else None
-        return train, val, synthetic_class_names(args.num_classes)
-    names = VOC_CLASSES if args.num_classes == 20 else COCO_CLASSES if args.num_classes == 80 else \
-        [f"class {k}" for k in range(args.num_classes)]
-    transform = TrainTransform(args.input_size, args.crop_size)
-    train = VOCClassification(args.train_list, args.img_dir, args.num_classes, transform,
-                              cls_labels=args.cls_labels)
-    val = None
-    mask_dir = args.mask_dir or find_mask_dir(args.data_root)
-    if args.test_list and mask_dir:
-        val = VOCSegmentation(args.test_list, args.img_dir, args.num_classes, mask_dir=mask_dir,
-                              long_side=args.input_size, cls_labels=args.cls_labels,
-                              max_images=args.val_images or None)
-        if any(label is None for label in val.labels):
-            # CAMs are scored for the tagged classes: without tags there is nothing to score
-            print(f"{args.test_list} has images without class tags (give the 'name c c ...' format or "
-                  f"--cls-labels): CAM evaluation skipped", file=sys.stderr)
-            val = None
-    return train, val, list(names)
 
 
 class TrainingInterrupted(Exception):
@@ -184,6 +166,10 @@ class Trainer:
         self.att_maps = AttentionMaps(args.att_dir, self.train_set.names, args.num_classes, args.input_size,
                                       args.epoch) if args.att_dir else None
         self.config = model_config(args)
+        # before the model is built: a VGG16/ResNet50 run without ImageNet weights stops here unless
+        # it says --pretrained none (or resumes: the checkpoint holds the weights)
+        resume = self.resolve_resume(args.resume)
+        require_pretrained(args, resuming=bool(resume))
         self.model = build_model(self.config, args.pretrained)
         if args.init == "kaiming" or (args.init == "auto" and args.backbone == "tiny"):
             kaiming_init_(self.model, keep_pretrained=bool(args.pretrained))
@@ -209,7 +195,6 @@ class Trainer:
         self.last_saved_step = -1
         self.stop_requested = False
         self.stop_agreed = False  # a stop every rank knows of (train_step's all-reduce)
-        resume = self.resolve_resume(args.resume)
         if resume:
             self.load(resume)
         self.forward_model = self.model
@@ -291,8 +276,9 @@ class Trainer:
         path = os.path.join(self.args.out, LATEST_NAME)
         scheduler = {"kind": "step-per-epoch", "base_lr": self.args.lr, "decay_points": self.args.decay_points_list,
                      "lr_factor": self.lr_factor(max(self.epoch, 1))}
-        sampler = {"kind": "DistributedSampler", "seed": self.args.seed, "epoch": self.epoch, "shuffle": True,
-                   "drop_last": True, "batch_in_epoch": self.batch_in_epoch, "world_size": self.world}
+        sampler = {"kind": "DistributedSampler", "seed": self.args.seed, "epoch": self.epoch,
+                   "shuffle": self.shuffled(), "drop_last": self.shuffled(), "batch_in_epoch": self.batch_in_epoch,
+                   "world_size": self.world}
         return save_checkpoint(path, model=self.model, optimizer=self.optimizer, epoch=self.epoch,
                                step=self.step, epoch_done=self.epoch_done, batch_in_epoch=self.batch_in_epoch,
                                model_config=self.config, args=vars(self.args), keep=self.args.keep,
@@ -321,15 +307,27 @@ class Trainer:
             group["lr"] = self.args.lr * group.get("lr_mult", 1.0) * factor
         return self.args.lr * factor
 
-    def batches(self, epoch: int, skip: int = 0) -> DataLoader:
-        """This rank's batches of the epoch in the DistributedSampler's order for (seed, epoch) --
-        full batches only (BatchNorm in the projector) --, the first ``skip`` left out."""
-        bs = self.args.batch_size
-        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                     seed=self.args.seed, drop_last=True)
+    # ---- data order (--input-pipeline) ----
+    # public: the public loader's order -- the list order every epoch (shuffle=False) and the last
+    #   partial batch kept, so every image is seen every epoch (under DDP the DistributedSampler
+    #   pads the list with its first images to an equal share per rank, so all ranks step alike);
+    # augmented: a fresh shuffle per (seed, epoch), full batches only.
+    def shuffled(self) -> bool:
+        return getattr(self.args, "input_pipeline", "public") != "public"
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        """This rank's dataset indices of the epoch, in order (all of them: partial batch included)."""
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank,
+                                     shuffle=self.shuffled(), seed=self.args.seed, drop_last=self.shuffled())
         sampler.set_epoch(epoch)
-        order = list(sampler)
-        usable = (len(order) // bs) * bs if len(order) >= bs else len(order)
+        return list(sampler)
+
+    def batches(self, epoch: int, skip: int = 0) -> DataLoader:
+        """This rank's batches of the epoch (:meth:`epoch_order` cut into ``--batch_size`` pieces:
+        the partial last one kept (public) or dropped (augmented)), the first ``skip`` left out."""
+        bs = self.args.batch_size
+        order = self.epoch_order(epoch)
+        usable = len(order) if not self.shuffled() or len(order) < bs else (len(order) // bs) * bs
         batches = [order[i:i + bs] for i in range(0, usable, bs)][skip:]
         # own generator: the loader's base seed must not come from (and advance) the global RNG,
         # or a resumed run would draw differently from an uninterrupted one
@@ -339,8 +337,10 @@ class Trainer:
                           persistent_workers=False, generator=loader_gen)
 
     def steps_per_epoch(self) -> int:
-        per_rank, bs = len(self.train_set) // self.world, self.args.batch_size
-        return max(1, per_rank // bs)
+        bs = self.args.batch_size
+        if not self.shuffled():  # public: ceil of the padded share (DistributedSampler, drop_last=False)
+            return math.ceil(math.ceil(len(self.train_set) / self.world) / bs)
+        return max(1, (len(self.train_set) // self.world) // bs)
 
     # ---- training ----
     def compute_loss(self, batch: Dict, epoch: int):
@@ -419,7 +419,8 @@ class Trainer:
             # at the start of every later one.  A resumed partial epoch keeps the prototypes its
             # start computed (restored with the model).  Warm start: one fixed seed (the first fit).
             seed = self.args.seed if self.args.kmeans_warm_start else self.args.seed * 1000 + epoch
-            self.model.refresh_prototypes(seed=seed, n_init=self.args.kmeans_n_init)
+            self.model.refresh_prototypes(seed=seed, n_init=self.args.kmeans_n_init,
+                                          iters=getattr(self.args, "kmeans_iters", 300))
             if getattr(self.args, "aggregation_zero_start", False) and epoch == self.args.aggregation_start_epoch:
                 # the first k-means prototypes replace the earlier context at once; with the
                 # aggregation's output conv zeroed the fused features do not jump, the context
@@ -501,6 +502,12 @@ class Trainer:
         if self.att_maps is not None:
             self.att_maps.merge_ranks()
             if self.is_main:
+                # a finished run only (a --max-steps stop is continued later by --resume)
+                filled = self.att_maps.fill_missing(self.model, self.train_set, args.batch_size, self.device, collate) \
+                    if self.epoch >= args.epoch and self.epoch_done else 0
+                if filled:
+                    self.log.info(f"--att_dir: {filled} tagged (image, class) pairs had no map after training "
+                                  f"(images not seen in the last epoch); written from one more forward pass")
                 count = self.att_maps.write_pngs(progress=bool(args.progress))
                 self.log.info(f"--att_dir: wrote {count} attention maps to {args.att_dir}")
         train_seconds = time.time() - start

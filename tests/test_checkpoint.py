@@ -179,7 +179,15 @@ def test_other_class_count_or_bank_shape_is_refused_naming_both_shapes(tmp_path)
 
 # ---------------------------------------------------------------- exact resume
 def test_mid_epoch_resume_skips_the_seen_batches_in_order(tmp_path):
-    trainer = Trainer(parse_args(TINY + ["--num-images", "13", "--val-images", "0", "--out", str(tmp_path)]))
+    # public pipeline (default): the list order every epoch, the partial batch kept
+    trainer = Trainer(parse_args(TINY + ["--num-images", "13", "--val-images", "0", "--out", str(tmp_path / "p")]))
+    full = list(trainer.batches(4).batch_sampler)
+    assert full == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12]]
+    assert list(trainer.batches(4, skip=2).batch_sampler) == full[2:]
+    assert list(trainer.batches(5).batch_sampler) == full
+    # augmented: a shuffled order per epoch, full batches only
+    trainer = Trainer(parse_args(TINY + ["--num-images", "13", "--val-images", "0", "--input-pipeline", "augmented",
+                                         "--out", str(tmp_path / "a")]))
     full = list(trainer.batches(4).batch_sampler)
     assert len(full) == 3 and all(len(b) == 4 for b in full) and len({i for b in full for i in b}) == 12
     assert list(trainer.batches(4, skip=2).batch_sampler) == full[2:]

@@ -231,7 +231,8 @@ def test_step_attribution_charges_backward_to_the_forward_part():
 def test_step_mode_runs_and_splits_the_step(tmp_path):
     doc = main(["step", "--steps", "2", "--warmup-steps", "1", "--out", str(tmp_path), "--progress", "off",
                 "--num-images", "8", "--batch_size", "4", "--input_size", "32", "--crop_size", "32",
-                "--bank-slots", "12", "--prototypes", "2", "--num_classes", "3"])
+                "--bank-slots", "12", "--prototypes", "2", "--num_classes", "3",
+                "--aggregation", "softmax"])  # the attention op (the public linear form is a plain matmul)
     with open(tmp_path / "step.json") as f:
         saved = json.load(f)
     parts = {r["part"]: r for r in saved["split"] if r["kind"] == "part"}

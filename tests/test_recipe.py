@@ -80,7 +80,7 @@ def test_prototype_schedule_randn_then_kmeans_n_init_10(tmp_path, monkeypatch):
             return step(batch, epoch)
         monkeypatch.setattr(trainer, "train_step", spy)
         trainer.fit()
-        assert [c[0] for c in calls] == [2, 3] and all(c[2] == {"n_init": 10} for c in calls)
+        assert [c[0] for c in calls] == [2, 3] and all(c[2] == {"n_init": 10, "iters": 300} for c in calls)
         assert [c[1] for c in calls] == seeds
         assert all(torch.equal(p, initial) for e, p in seen if e == 1)
         assert all(not torch.equal(p, initial) for e, p in seen if e > 1)

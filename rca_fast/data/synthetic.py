@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..utils.att_maps import identity_view
-from .transforms import normalize_image
+from .transforms import normalize_image, public_color_jitter
 
 SHAPES = ("square", "disc", "triangle", "cross", "ring", "diamond", "star", "hexagon")
 TEXTURES = ("stripes", "checker", "dots", "solid")
@@ -213,6 +214,8 @@ class SyntheticShapes(Dataset):
         num_images: N.  num_classes: L (6 by default).  image_size: side in pixels.
         seed: data seed.  split: "train" | "val" | "test" (independent streams of scenes).
         max_objects: 1..max objects per image.  flip: random horizontal flip in __getitem__.
+        jitter: the public loader's ``ColorJitter(0.3, 0.3, 0.3, 0.1)`` in __getitem__
+            (:func:`rca_fast.data.transforms.public_color_jitter`, draws from the global ``random``).
     Items: dict with ``image`` (3, H, W) float normalised, ``label`` (L,) float 0/1,
     ``mask`` (H, W) int64 (0 bg, c+1, 255 ignore), ``name`` str, ``index`` int, ``view`` (11,)
     int64 (whole image, flipped or not; see rca_fast.utils.att_maps).
@@ -220,7 +223,7 @@ class SyntheticShapes(Dataset):
     """
 
     def __init__(self, num_images: int = 512, num_classes: int = 6, image_size: int = 96, *, seed: int = 0,
-                 split: str = "train", max_objects: int = 3, flip: bool = False):
+                 split: str = "train", max_objects: int = 3, flip: bool = False, jitter: bool = False):
         for name, value, low in (("num_images", num_images, 1), ("image_size", image_size, 16),
                                  ("max_objects", max_objects, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -229,7 +232,7 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"SyntheticShapes: split must be one of {sorted(SPLITS)}, got {split!r}")
         self.num_classes = num_classes
         self.class_names = class_names(num_classes)
-        self.flip = flip
+        self.flip, self.jitter = flip, jitter
         self.split = split
         spec = class_spec(num_classes)
         scenes = [render_scene(np.random.default_rng([seed, SPLITS[split], i]), num_classes, image_size,
@@ -244,7 +247,10 @@ class SyntheticShapes(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> Dict[str, object]:
-        image = self._normalised[index]
+        if self.jitter:
+            image = normalize_image(torch.from_numpy(public_color_jitter(self.images[index], random)))
+        else:
+            image = self._normalised[index]
         mask = torch.from_numpy(self.masks[index]).long()
         flipped = bool(self.flip and torch.rand(()) < 0.5)
         if flipped:

@@ -138,12 +138,15 @@ class PerClassCAMHead(nn.Module):
 
 
 class Projector(nn.Module):
-    """conv3x3 + BN + ReLU + conv3x3 on the backbone features: the contrast-query features."""
+    """conv3x3 (with bias, as the public code's) + BN + ReLU + conv3x3 on the backbone features:
+    the contrast-query features.  (The bias before BN only shifts what BN's mean removes in
+    training mode, but it gets weight decay and the x20 lr like every public bias, and it is in
+    the public state dict.)"""
 
     def __init__(self, channels: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 3, padding=1),
         )
 

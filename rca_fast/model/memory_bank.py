@@ -41,7 +41,7 @@ def gather_rows(emb: torch.Tensor, target: torch.Tensor):
 
 
 @torch.no_grad()
-def lloyd(points: torch.Tensor, centroids: torch.Tensor, *, iters: int = 100, tol: float = 1e-4) -> torch.Tensor:
+def lloyd(points: torch.Tensor, centroids: torch.Tensor, *, iters: int = 300, tol: float = 1e-4) -> torch.Tensor:
     """Lloyd's k-means iterations from given centroids (a warm start): points (L, S, D),
     centroids (L, K, D) -> (L, K, D).  An empty cluster keeps its centroid.  Stops when the
     squared centroid shift of every problem is below ``tol`` x the points' mean variance."""
@@ -211,7 +211,7 @@ class MemoryBank(nn.Module):
         if _world() == 1 or dist.get_rank() == 0:
             points = self.bank if self.bank.dtype == torch.float64 else self.bank.float()
             if self.kmeans_warm_start and bool(self.fitted):
-                centroids = lloyd(points, self.prototypes.to(points.dtype), iters=kmeans_kwargs.get("iters", 100),
+                centroids = lloyd(points, self.prototypes.to(points.dtype), iters=kmeans_kwargs.get("iters", 300),
                                   tol=kmeans_kwargs.get("tol", 1e-4))
             else:
                 centroids, _, _ = ops.kmeans(points, self.num_prototypes, seed=seed, **kmeans_kwargs)

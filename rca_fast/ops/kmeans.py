@@ -9,14 +9,14 @@ from ._validate import FLOAT_DTYPES, check_finite, check_positive, check_tensor
 OP = "kmeans"
 
 
-def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4, seed: int = 0,
+def kmeans(points: torch.Tensor, k: int, *, iters: int = 300, tol: float = 1e-4, seed: int = 0,
            init: str = "k-means++", n_init: int = 1):
     """L independent k-means problems solved together (k-means++ seeding, then Lloyd).
 
     Args:
         points: (L, S, D) float -- L problems of S points -- or (S, D) for one problem.
         k: centroids per problem, 1 <= k <= S.
-        iters: most Lloyd iterations (>= 1).
+        iters: most Lloyd iterations (>= 1; 300 = scikit-learn's max_iter, which the public code used).
         tol: scikit-learn's relative tolerance: a problem stops once its summed squared centre
             shift is <= tol * mean per-feature variance of its points.
         seed: an int in [-2**63, 2**63); same seed, same result (on one device).

@@ -73,7 +73,7 @@ def update_centers(x: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, k:
     return new
 
 
-def kmeans(points: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4, seed: int = 0,
+def kmeans(points: torch.Tensor, k: int, *, iters: int = 300, tol: float = 1e-4, seed: int = 0,
            init: str = "k-means++", n_init: int = 1):
     """Batched k-means.
 

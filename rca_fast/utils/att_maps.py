@@ -12,27 +12,35 @@ rounding to 0..255, the maximum over epochs, the last-epoch write, from the seco
 
 * **names**: ``<image name>_<class>.png`` (``syn_train_00012_3.png``), not the position in the
   epoch (the public ``index + j``, which names images by their list position only because its
-  loader does not shuffle; ours does, and ``rca_fast.pseudo`` / ``gen_labels.py`` read names);
+  loader does not shuffle; ``--input-pipeline augmented`` does, and ``rca_fast.pseudo`` /
+  ``gen_labels.py`` read names);
 * **where the running maximum lives**: in memory at feature resolution (uint8, one
   ``ceil(h / stride) x ceil(w / stride)`` grid per (image, present class) for the image resized
   to ``--input_size``), not as PNGs read and re-written every step; PNGs are written once at the
   end (:meth:`write_pngs`), upsampled (bilinear) to each image's own size -- what the next step
   needs (the public files are at feature size of the training input and need resizing);
-* **augmentation**: the public loader has no crop or flip (resize + colour jitter only); ours
-  flips (synthetic, VOC) and crops (VOC).  Each item's ``view`` (see :func:`identity_view`) says
-  where the crop came from, and the crop's map is put back in place (flipped back, shifted,
-  rescaled) on the image's grid before the maximum; grid cells the crop did not cover keep
-  their value.  Items without a ``view`` are taken as the whole image, unflipped;
+* **augmentation**: the public loader has no crop or flip (square resize + colour jitter only),
+  as ``--input-pipeline public`` (the default); ``augmented`` flips (synthetic, VOC) and crops
+  (VOC).  Each item's ``view`` (see :func:`identity_view`) says where the input came from, and
+  its map is put back in place (flipped back, shifted, rescaled -- the square input stretched
+  back to the image's aspect) on the image's grid before the maximum; grid cells a crop did not
+  cover keep their value.  Items without a ``view`` are taken as the whole image, unflipped;
 * **scale-out and resume**: each DDP rank accumulates the images it sees; the "exists" flags
   are merged across ranks (all-reduce MAX) at the start of every epoch, so the last-epoch rule
-  is decided as in a single process; the maps are merged (element-wise max) when a checkpoint
-  is written and at the end; the checkpoint holds them, so ``--resume`` continues the maxima.
+  is decided as in a single process; the maps are merged (element-wise max, tensor all-reduces:
+  :meth:`merge_ranks`) when a checkpoint is written and at the end; the checkpoint holds them,
+  so ``--resume`` continues the maxima;
+* **every tagged class gets a map**: the public loader shows every image in every epoch, so its
+  last-epoch rule writes a map for every tagged class.  The trainer guarantees that outcome
+  whatever the data order: after training, tagged classes still without a map (the
+  ``augmented`` pipeline drops a shuffled partial batch; ``--max-steps``) are filled by one
+  more forward pass of their images (:meth:`missing`, ``Trainer.fill_att_maps``).
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -178,15 +186,79 @@ class AttentionMaps:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         self.exists = t.cpu().bool()
 
-    def merge_ranks(self) -> None:
-        """Element-wise max of every rank's maps, on every rank (collective)."""
+    def merge_ranks(self, chunk_bytes: int = 64 << 20) -> None:
+        """Element-wise max of every rank's maps, on every rank (collective).
+
+        Tensor all-reduces (MAX) only, no pickled objects: the exists flags; which (image, class)
+        holds a map on some rank and each image's (H0, W0, gh, gw); then the maps in one flat uint8
+        buffer laid out the same on every rank (image-major, then class), a rank's missing maps as
+        zeros, reduced in pieces of ``chunk_bytes`` (so the device never holds the whole buffer:
+        ~500 MB for COCO's train set)."""
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        gathered: List = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self.state_dict())
-        for state in gathered:
-            self.load_state_dict(state, merge=True)
+        from ..distributed import collective_device
+        dev = collective_device()
+
+        def reduce_max(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return t.cpu()
+
+        n, L = self.exists.shape
+        self.exists = reduce_max(self.exists.to(torch.uint8)).bool()
+        have = torch.zeros(n, L, dtype=torch.uint8)
+        geo = torch.zeros(n, 4, dtype=torch.int64)   # H0, W0, gh, gw (equal wherever known)
+        for (i, c), m in self.maps.items():
+            have[i, c] = 1
+            geo[i, 2], geo[i, 3] = m.shape
+        for i, (h0, w0) in self.sizes.items():
+            geo[i, 0], geo[i, 1] = h0, w0
+        have, geo = reduce_max(have).bool(), reduce_max(geo)
+        keys = [tuple(k) for k in have.nonzero().tolist()]          # the common layout
+        cells = [int(geo[i, 2] * geo[i, 3]) for i, _ in keys]
+        flat = torch.cat([self.maps[k].reshape(-1) if k in self.maps else torch.zeros(cells[j], dtype=torch.uint8)
+                          for j, k in enumerate(keys)]) if keys else torch.zeros(0, dtype=torch.uint8)
+        step = max(1, int(chunk_bytes))
+        for start in range(0, flat.numel(), step):
+            flat[start:start + step] = reduce_max(flat[start:start + step])
+        offset = 0
+        for (i, c), size in zip(keys, cells):
+            self.maps[(i, c)] = flat[offset:offset + size].reshape(int(geo[i, 2]), int(geo[i, 3])).clone()
+            self.sizes[i] = (int(geo[i, 0]), int(geo[i, 1]))
+            offset += size
+
+    def missing(self, tags: torch.Tensor) -> torch.Tensor:
+        """(N, L) bool: tagged (image, class) pairs that have no map yet (``tags`` (N, L) 0/1)."""
+        return (torch.as_tensor(tags) > 0) & ~self.exists
+
+    @torch.no_grad()
+    def fill_missing(self, model: torch.nn.Module, dataset, batch_size: int, device, collate) -> int:
+        """Maps for the tagged classes that have none yet; returns how many were written.
+
+        The public loader shows every image in its last epoch, so its last-epoch rule gives every
+        tagged class a map (``rca_fast.pseudo`` needs them all).  Where a run did not see an image
+        then (``--input-pipeline augmented`` drops a shuffled partial batch, and DDP's sampler the
+        remainder over the ranks), the image goes through the trained ``model`` once more (eval
+        mode, no gradient, ``dataset``'s training transform, batches of ``batch_size`` stacked by
+        ``collate``) and only its missing classes are written, by the last-epoch rule (whatever
+        the score).  ``dataset``: items with ``image``, ``index`` (and ``view``); ``labels`` (N, L).
+        """
+        todo = self.missing(torch.as_tensor(np.asarray(dataset.labels)))
+        images = todo.any(dim=1).nonzero().flatten().tolist()
+        if not images:
+            return 0
+        last = max(self.epochs, self.start_epoch)   # an epoch where the last-epoch rule applies
+        was_training = model.training
+        model.eval()
+        written = 0
+        for start in range(0, len(images), batch_size):
+            batch = collate([dataset[i] for i in images[start:start + batch_size]])
+            out = model(batch["image"].to(device))
+            written += self.update(out.cams, out.logits, todo[batch["index"]], batch["index"], last,
+                                   batch["image"].shape[-2:], batch.get("view"))
+        model.train(was_training)
+        return written
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, torch.Tensor]:

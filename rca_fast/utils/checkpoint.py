@@ -216,7 +216,13 @@ def check_model_state(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor
 
 
 def load_model_state(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
-    """:func:`check_model_state`, then ``model.load_state_dict`` (strict)."""
+    """:func:`check_model_state`, then ``model.load_state_dict`` (strict).
+
+    A checkpoint from before the projector's first conv had its (public) bias lacks that key:
+    it loads with a zero bias, which is exactly the bias-free conv it was trained with."""
+    own = model.state_dict()
+    for key in [k for k in own if k.endswith("projector.net.0.bias") and k not in state_dict]:
+        state_dict = dict(state_dict, **{key: torch.zeros_like(own[key])})
     check_model_state(model, state_dict, path)
     model.load_state_dict(state_dict)
 

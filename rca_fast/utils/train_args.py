@@ -30,16 +30,21 @@ DATASET_DEFAULTS = {
 }
 
 
-# --recipe: values of the recipe flags left unset.  "public" reproduces the public code; "improved"
-# holds the aggregation until the bank holds data (constant context from zero prototypes before
-# --aggregation-start-epoch), copies a slot's first write, and warm-starts k-means from the
-# previous prototypes (fixed seed), and zeroes the aggregation's output conv when the k-means
-# prototypes take over (--aggregation-zero-start) -- measured in benchmarks/results/method_check*.md.
+# --recipe: values of the recipe flags left unset.  "public" reproduces the public code (its input
+# pipeline, linear aggregation, randn prototypes until epoch 2, EMA first writes); "improved" holds
+# the aggregation until the bank holds data (constant context from zero prototypes before
+# --aggregation-start-epoch), copies a slot's first write, warm-starts k-means from the previous
+# prototypes (fixed seed), zeroes the aggregation's output conv when the k-means prototypes take
+# over (--aggregation-zero-start) and uses the paper's softmax aggregation -- measured in
+# benchmarks/results/method_check*.md.  Its input pipeline is the public one: the earlier
+# "augmented" pipeline was never measured better, so it is only an option.
 RECIPES = {
-    "public": dict(attention_scale="sqrt", prototype_init="randn", aggregation_start_epoch=2, first_write="ema",
-                   kmeans_warm_start=False, aggregation_zero_start=False),
-    "improved": dict(attention_scale="sqrt", prototype_init="zeros", aggregation_start_epoch=4, first_write="copy",
-                     kmeans_warm_start=True, aggregation_zero_start=True),
+    "public": dict(aggregation="linear", attention_scale="sqrt", prototype_init="randn", aggregation_start_epoch=2,
+                   first_write="ema", kmeans_warm_start=False, aggregation_zero_start=False,
+                   input_pipeline="public"),
+    "improved": dict(aggregation="softmax", attention_scale="sqrt", prototype_init="zeros",
+                     aggregation_start_epoch=4, first_write="copy", kmeans_warm_start=True,
+                     aggregation_zero_start=True, input_pipeline="public"),
 }
 
 # --bank-dtype spellings -> the dtype name stored in checkpoints
@@ -63,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--lr", type=float, default=None, help="base learning rate (voc/coco 1e-3)")
     pub.add_argument("--weight_decay", type=float, default=5e-4)
     pub.add_argument("--input_size", type=int, default=None,
-                     help="longer image side before cropping (voc 368); synthetic: the image size")
-    pub.add_argument("--crop_size", type=int, default=None, help="training crop (voc 368)")
+                     help="training images are resized to input_size x input_size (voc 368; the public "
+                          "meaning); with --input-pipeline augmented: the longer side before cropping; "
+                          "synthetic: the image size")
+    pub.add_argument("--crop_size", type=int, default=None,
+                     help="training crop of --input-pipeline augmented (voc 368); unused by the public "
+                          "pipeline, as in the public train.py")
     pub.add_argument("--batch_size", type=int, default=None, help="voc 8")
     pub.add_argument("--decay_points", type=str, default=None,
                      help="comma-separated epochs after which the lr is multiplied by 0.1 (voc '5,10')")
@@ -94,21 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
                            "or SegmentationClass)")
     ours.add_argument("--backbone", choices=("vgg16", "resnet50", "tiny"), default=None,
                       help="synthetic: tiny; voc/coco: vgg16")
-    ours.add_argument("--pretrained", default=None, help="local backbone weights (torchvision state dict)")
+    ours.add_argument("--pretrained", default=None,
+                      help="local backbone weights (a torchvision state dict file; nothing is downloaded). "
+                           "Required for --backbone vgg16/resnet50 (the public code always starts from "
+                           "ImageNet weights); 'none' trains them from scratch on purpose")
     ours.add_argument("--device", default=None, help="cuda / cpu / cuda:1 (default: cuda when available)")
     ours.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and synthetic data")
     ours.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in all")
     ours.add_argument("--no-contrast", dest="contrast", action="store_false", help="drop the contrast loss")
     ours.add_argument("--no-aggregation", action="store_true", help="drop the prototype aggregation")
     ours.add_argument("--no-mixup", dest="mixup", action="store_false", help="contrast without region mixup")
-    ours.add_argument("--aggregation", choices=("softmax", "linear"), default="softmax",
-                      help="softmax (paper) or linear (public code: matmul(q, k) / K * 20, i.e. scores x 20/K, "
-                           "no softmax)")
+    ours.add_argument("--aggregation", choices=("softmax", "linear"), default=None,
+                      help="linear (public code, --recipe public: matmul(q, k) / K * 20, i.e. scores x 20/K, "
+                           "no softmax) or softmax (the paper's form; --recipe improved)")
+    ours.add_argument("--input-pipeline", choices=("public", "augmented"), default=None,
+                      help="training input: public (both recipes: resize to input_size x input_size, "
+                           "ColorJitter(0.3, 0.3, 0.3, 0.1) in random order, no flip/rescale/crop, images in "
+                           "list order, last partial batch kept) or augmented (rca_fast's earlier pipeline: "
+                           "long side input_size x U(0.9, 1.1), flip, jitter without hue, random crop_size "
+                           "crop zero-padded, shuffled, full batches only)")
     ours.add_argument("--recipe", choices=sorted(RECIPES), default="public",
                       help="defaults of the recipe flags below: public (what the public code computes) or "
-                           "improved (aggregation held until the bank holds data, first write copies, "
-                           "k-means warm start, output conv zeroed at the switch); a recipe flag given "
-                           "explicitly wins")
+                           "improved (softmax aggregation held until the bank holds data, first write "
+                           "copies, k-means warm start, output conv zeroed at the switch); a recipe flag "
+                           "given explicitly wins")
     ours.add_argument("--attention-scale", choices=("sqrt", "one", "learned"), default=None,
                       help="softmax aggregation temperature: 1/sqrt(D) (default), 1 (the paper's formula) or "
                            "a learned scalar")
@@ -132,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                       const=False, help="keep the output conv at the switch, also under --recipe improved")
     ours.add_argument("--kmeans-n-init", type=int, default=10,
                       help="k-means restarts per refresh (10: scikit-learn's default in the public code's time)")
+    ours.add_argument("--kmeans-iters", type=int, default=300,
+                      help="most Lloyd iterations per k-means run (300: scikit-learn's max_iter default, "
+                           "which the public code uses)")
     ours.add_argument("--bank-slots", type=int, default=None, help="S per class (voc 500, synthetic 64)")
     ours.add_argument("--bank-init", choices=("randn", "zeros"), default="randn",
                       help="initial bank slots: randn (public code) or zeros (a slot then points along its "
@@ -212,6 +233,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.decay_points_list = parse_decay_points(args.decay_points)
+    # --pretrained none: from scratch on purpose (see require_pretrained)
+    args.from_scratch = isinstance(args.pretrained, str) and args.pretrained.strip().lower() == "none"
+    if args.from_scratch:
+        args.pretrained = None
     args.bank_dtype = BANK_DTYPES[args.bank_dtype]
     for flag, value, low in (("--num_classes", args.num_classes, 1), ("--batch_size", args.batch_size, 1),
                              ("--epoch", args.epoch, 1), ("--input_size", args.input_size, 16),
@@ -229,12 +254,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.prototypes > args.bank_slots:
         raise ValueError(f"--prototypes ({args.prototypes}) must be <= --bank-slots ({args.bank_slots})")
-    args.aggregation_mode = "none" if args.no_aggregation else args.aggregation
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.aggregation_mode = "none" if args.no_aggregation else args.aggregation
     for flag, value in (("--aggregation-start-epoch", args.aggregation_start_epoch),
-                        ("--kmeans-n-init", args.kmeans_n_init)):
+                        ("--kmeans-n-init", args.kmeans_n_init), ("--kmeans-iters", args.kmeans_iters)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.dataset != "synthetic":
@@ -252,6 +277,26 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.cls_labels is None and os.path.isfile(os.path.join(root, "cls_labels.npy")):
             args.cls_labels = os.path.join(root, "cls_labels.npy")
     return args
+
+
+# torchvision's ImageNet files of the backbones --pretrained takes (download them once, elsewhere)
+WEIGHT_FILES = {"vgg16": "vgg16-397923af.pth", "resnet50": "resnet50-0676ba61.pth"}
+
+
+def require_pretrained(args: argparse.Namespace, resuming: bool = False) -> None:
+    """ValueError unless a VGG16/ResNet50 run says where its ImageNet weights are.
+
+    The public code always starts its VGG16 from ImageNet weights; a drop-in command line that
+    forgot --pretrained would otherwise train a randomly initialised network for hours.  From
+    scratch needs ``--pretrained none`` (``args.from_scratch``); a resumed run takes its weights
+    from the checkpoint."""
+    if args.backbone in WEIGHT_FILES and args.pretrained is None and not args.from_scratch and not resuming:
+        raise ValueError(
+            f"--backbone {args.backbone} needs --pretrained: the public code starts from ImageNet weights and "
+            f"rca_fast never downloads them. Give a local torchvision state dict, e.g. --pretrained "
+            f"~/.cache/torch/hub/checkpoints/{WEIGHT_FILES[args.backbone]} (torchvision's file; "
+            f"torchvision.models.{args.backbone}(weights='IMAGENET1K_V1') downloads it there on a machine "
+            f"with network), or --pretrained none to train from scratch on purpose")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
