@@ -198,6 +198,19 @@ MUTANTS = [
      "if contrast is not None and epoch >= contrast_start_epoch:",
      "if contrast is not None and epoch > contrast_start_epoch:",
      ["tests/test_losses.py"]),
+    # ---------------------------------------------------------------- checkpoints, pseudo labels (issue 20)
+    ("ckpt-tmp-in-system-tmp", "rca_fast/utils/checkpoint.py",
+     'suffix=".tmp", dir=folder)', 'suffix=".tmp", dir=None)',
+     ["tests/test_checkpoint.py", "-k", "beside_the_target"]),
+    ("pseudo-one-percent-counts-ignore", "rca_fast/pseudo.py",
+     "objects = int(((label > 0) & (label < 255)).sum())", "objects = int((label > 0).sum())",
+     ["tests/test_pseudo.py", "-k", "only_non_background"]),
+    ("par-default-dilations", "rca_fast/refine.py",
+     "DEFAULT_DILATIONS: Tuple[int, ...] = (1, 2, 4, 8, 12, 24)", "DEFAULT_DILATIONS: Tuple[int, ...] = (1, 2, 4, 8, 12)",
+     ["tests/test_pseudo.py", "-k", "par_defaults"]),
+    ("pseudo-par-iters-default", "rca_fast/pseudo.py",
+     'p.add_argument("--par-iters", type=int, default=10,', 'p.add_argument("--par-iters", type=int, default=5,',
+     ["tests/test_pseudo.py", "-k", "par_defaults"]),
 ]
 
 
