@@ -91,7 +91,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- k-means (ref; ops default on CPU)
     ("kmeans-tol-sum-not-mean", "rca_fast/ref/kmeans.py",
      "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = tol * x.var(1, unbiased=False).sum(-1)",
-     ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
+     ["tests/test_kmeans.py", "-k", "divides_the_summed_variance"]),
     ("kmeans-tol-1000x", "rca_fast/ref/kmeans.py",
      "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = 1000 * tol * x.var(1, unbiased=False).mean(-1)",
      ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
