@@ -211,6 +211,10 @@ MUTANTS = [
     ("pseudo-par-iters-default", "rca_fast/pseudo.py",
      'p.add_argument("--par-iters", type=int, default=10,', 'p.add_argument("--par-iters", type=int, default=5,',
      ["tests/test_pseudo.py", "-k", "par_defaults"]),
+    ("att-grid-floor", "rca_fast/utils/att_maps.py",
+     "return max(1, math.ceil(h1 / stride)), max(1, math.ceil(w1 / stride))",
+     "return max(1, int(h1 // stride)), max(1, int(w1 // stride))",
+     ["tests/test_att_dir_grid.py"]),
 ]
 
 
