@@ -215,6 +215,26 @@ MUTANTS = [
      "return max(1, math.ceil(h1 / stride)), max(1, math.ceil(w1 / stride))",
      "return max(1, int(h1 // stride)), max(1, int(w1 // stride))",
      ["tests/test_att_dir_grid.py"]),
+    # ---------------------------------------------------------------- DDP paths (2 gloo ranks, ~40 s each)
+    ("att-sync-exists-min", "rca_fast/utils/att_maps.py",
+     "dist.all_reduce(t, op=dist.ReduceOp.MAX)", "dist.all_reduce(t, op=dist.ReduceOp.MIN)",
+     ["tests/test_ddp_paths.py"]),
+    ("att-merge-flags-replaced", "rca_fast/utils/att_maps.py",
+     "self.exists |= exists", "self.exists = exists.clone()",
+     ["tests/test_ddp_paths.py"]),
+    ("att-merge-maps-replaced", "rca_fast/utils/att_maps.py",
+     "self.maps[(i, c)] = m if old is None else torch.maximum(old, m)", "self.maps[(i, c)] = m",
+     ["tests/test_ddp_paths.py"]),
+    ("ddp-contrast-start-off-by-one", "rca_fast/train.py",
+     "self.model.contrast = epoch >= self.args.contrast_start_epoch",
+     "self.model.contrast = epoch > self.args.contrast_start_epoch",
+     ["tests/test_ddp_paths.py"]),
+    ("ddp-ranks-seeded-alike-torch", "rca_fast/train.py",
+     "torch.manual_seed(args.seed + 1000003 * self.rank)", "torch.manual_seed(args.seed)",
+     ["tests/test_ddp_paths.py"]),
+    ("ddp-ranks-seeded-alike-numpy", "rca_fast/train.py",
+     "np.random.seed((args.seed + 1000003 * self.rank) % 2 ** 32)", "np.random.seed(args.seed % 2 ** 32)",
+     ["tests/test_ddp_paths.py"]),
 ]
 
 

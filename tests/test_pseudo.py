@@ -314,8 +314,10 @@ def test_image_whose_only_non_background_pixels_are_ignored_becomes_all_ignore(g
 def test_program_par_defaults_are_the_documented_ones(tmp_path, monkeypatch, gen):
     """``python -m rca_fast.pseudo`` without --refine / --par-* refines with par at the dilations
     and number of propagation steps the README states (read from its text)."""
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    m = re.search(r"`--refine par` \(default\).*?dilations ([\d, ]+?), (\d+)\s+propagation steps", readme, re.S)
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
+    m = re.search(r"`--refine par` \(default\).*?dilations ([\d, ]+?), (\d+)\s+propagation steps", readme,
+                  re.DOTALL)
     assert m, "README no longer states the par dilations and steps in the form this test reads"
     dilations, steps = tuple(int(d) for d in m.group(1).split(",")), int(m.group(2))
     calls = []
