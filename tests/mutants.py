@@ -235,6 +235,21 @@ MUTANTS = [
     ("ddp-ranks-seeded-alike-numpy", "rca_fast/train.py",
      "np.random.seed((args.seed + 1000003 * self.rank) % 2 ** 32)", "np.random.seed(args.seed % 2 ** 32)",
      ["tests/test_ddp_paths.py"]),
+    # ---------------------------------------------------------------- defaults vs the README's table (issue 20)
+    ("default-weight-decay", "rca_fast/utils/train_args.py",
+     'pub.add_argument("--weight_decay", type=float, default=5e-4)',
+     'pub.add_argument("--weight_decay", type=float, default=5e-3)',
+     ["tests/test_readme_defaults.py"]),
+    ("default-improved-start-epoch", "rca_fast/utils/train_args.py",
+     'prototype_init="zeros", aggregation_start_epoch=4', 'prototype_init="zeros", aggregation_start_epoch=3',
+     ["tests/test_readme_defaults.py"]),
+    ("default-voc-bank-slots", "rca_fast/utils/train_args.py",
+     'decay_points="5,10", bank_slots=500, num_workers=8, snapshot_dir="runs/pascal/model"',
+     'decay_points="5,10", bank_slots=512, num_workers=8, snapshot_dir="runs/pascal/model"',
+     ["tests/test_readme_defaults.py"]),
+    ("readme-public-wd-miscited", "README.md",
+     "lr 1e-3, wd 5e-4 on all parameters", "lr 1e-3, wd 5e-3 on all parameters",
+     ["tests/test_readme_defaults.py"]),
 ]
 
 
