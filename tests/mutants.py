@@ -5,6 +5,7 @@
     python tests/mutants.py -k kmeans -k infer         # mutants whose id contains a word
     python tests/mutants.py --clean                    # first check each test selection passes unmutated
     python tests/mutants.py --rev HEAD                 # the last commit instead of the working tree
+    python tests/mutants.py --recheck                  # a mutant its selection misses: rerun on all of tests/
 
 Each mutant is (id, file, original snippet, replacement, tests).  The working tree (tracked and
 untracked-but-not-ignored files, as they are now) is copied once to a scratch folder; there the
@@ -13,6 +14,9 @@ folder first on PYTHONPATH (its ``rca_fast`` and, through a ``rca_fast/kernels``
 ``kernels/`` are what gets imported, with the built extension ``rca_fast/_C*.so`` copied beside),
 and the file is restored.  A mutant is *caught* when a test fails, *missed* when all pass,
 *stale* when its snippet is no longer in the file (update the list), *error* on a timeout.
+With ``--recheck`` a mutant its narrow selection misses runs again against the whole ``tests/``
+folder: *caught-wide* when some other test fails (it is caught; widen its selection to that
+test), *MISSED* only when the whole suite passes with the bug in.
 Mutants of csrc/ (the extension's CPU twin) run only with ``--ext``: each rebuilds the extension
 CPU-only in the scratch copy (about 2.5 minutes on 2 cores), then the original build is put back.
 
@@ -328,6 +332,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="scratch folder to use and keep (default: a temporary one)")
     p.add_argument("--ext", action="store_true", help="also run the csrc/ mutants (one extension rebuild each)")
     p.add_argument("--rev", default=None, help="copy this commit (e.g. HEAD) instead of the working tree")
+    p.add_argument("--recheck", action="store_true",
+                   help="run a mutant its selection misses against the whole tests/ folder before calling it missed")
+    p.add_argument("--recheck-timeout", type=float, default=3600, help="seconds for one whole-suite recheck")
     a = p.parse_args(argv)
     chosen = [m for m in MUTANTS if not a.k or any(w in m[0] for w in a.k)]
     if a.list:
@@ -369,23 +376,31 @@ def main(argv=None) -> int:
                 code, secs, tail = 2, 0.0, "the mutated extension does not build"
             else:
                 code, secs, tail = run_tests(dest, tests, a.timeout)
+            # 1: a test failed; 2: collection failed (the mutated code does not import) -- both caught.
+            # 5 (no test selected), 4 (usage) and timeouts are errors of the list, not verdicts.
+            verdict = {0: "MISSED", 1: "caught", 2: "caught"}.get(code, "error")
+            if verdict == "MISSED" and a.recheck:  # still mutated (and rebuilt): the whole folder
+                print(f"{mid:34s} missed by its selection: rechecking against the whole tests/ folder", flush=True)
+                wide, wide_secs, wide_tail = run_tests(dest, ["tests"], a.recheck_timeout)
+                secs += wide_secs
+                if wide in (1, 2):
+                    verdict, tail = "caught-wide", wide_tail
+                elif wide != 0:
+                    verdict = "error"
         finally:
             with open(target, "w") as f:
                 f.write(text)
             for so, data in saved.items():  # the original build back
                 with open(so, "wb") as f:
                     f.write(data)
-        # 1: a test failed; 2: collection failed (the mutated code does not import) -- both caught.
-        # 5 (no test selected), 4 (usage) and timeouts are errors of the list, not verdicts.
-        verdict = {0: "MISSED", 1: "caught", 2: "caught"}.get(code, "error")
         results.append((mid, verdict, secs))
         print(f"{mid:34s} {verdict:7s} {secs:6.1f}s  {' '.join(tests)}", flush=True)
         if verdict != "caught" and tail:
             print("    " + tail.replace("\n", "\n    "))
-    caught = sum(v == "caught" for _, v, _ in results)
-    counted = sum(v in ("caught", "MISSED") for _, v, _ in results)
+    caught = sum(v in ("caught", "caught-wide") for _, v, _ in results)
+    counted = sum(v in ("caught", "caught-wide", "MISSED") for _, v, _ in results)
     print(f"\ncaught {caught} of {counted} mutants"
-          + "".join(f"; {sum(v == k for _, v, _ in results)} {k}" for k in ("stale", "error", "skipped")
+          + "".join(f"; {sum(v == k for _, v, _ in results)} {k}" for k in ("caught-wide", "stale", "error", "skipped")
                     if any(v == k for _, v, _ in results)))
     if not a.keep:
         shutil.rmtree(dest, ignore_errors=True)

@@ -89,12 +89,11 @@ def cites(cell, value):
 @pytest.fixture(scope="module")
 def table():
     parser = build_parser()
-    rows = table_rows()
-    return parser, rows, defaults_named(rows, parser.get_default("recipe"))
+    return parser, defaults_named(table_rows(), parser.get_default("recipe"))
 
 
 def test_every_default_the_table_names_is_the_parsers(table, tmp_path):
-    parser, rows, named = table
+    parser, named = table
     assert len(named) >= len(PUBLIC_CODE), f"only {len(named)} `--flag=value` defaults in the table"
     args = {}
     for recipe, flag, text, row in named:
@@ -109,7 +108,7 @@ def test_every_default_the_table_names_is_the_parsers(table, tmp_path):
 
 
 def test_the_public_column_cites_the_public_code(table):
-    parser, rows, named = table
+    parser, named = table
     default = parser.get_default("recipe")
     first = {}
     for recipe, flag, text, row in named:
