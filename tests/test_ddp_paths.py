@@ -12,7 +12,7 @@ oracle of what each rank saw, on inputs where the ranks differ:
   ``--contrast-start-epoch`` on (1-based) and not before, on every rank; every rank draws its own
   random stream (torch, numpy and Python generators in different states once the trainer is
   built).
-One spawn runs both parts (~25 s on 2 busy cores).
+One spawn runs both parts (41 s wall, 16 s CPU, on 2 cores at load 20).
 """
 import os
 import pickle
@@ -117,7 +117,7 @@ def _oracle_pngs(steps):
     return out
 
 
-@pytest.mark.slow  # one spawn of two interpreters: ~25 s on 2 busy cores
+@pytest.mark.slow  # one spawn of two interpreters: 41 s on 2 cores at load 20
 def test_two_ranks_equal_the_single_process_oracle_of_what_each_saw(tmp_path, gen):
     seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
     with socket.socket() as s:
