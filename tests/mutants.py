@@ -5,6 +5,7 @@
     python tests/mutants.py -k kmeans -k infer         # mutants whose id contains a word
     python tests/mutants.py --clean                    # first check each test selection passes unmutated
     python tests/mutants.py --rev HEAD                 # the last commit instead of the working tree
+    python tests/mutants.py --recheck                  # a mutant its selection misses: rerun on all of tests/
 
 Each mutant is (id, file, original snippet, replacement, tests).  The working tree (tracked and
 untracked-but-not-ignored files, as they are now) is copied once to a scratch folder; there the
@@ -13,6 +14,9 @@ folder first on PYTHONPATH (its ``rca_fast`` and, through a ``rca_fast/kernels``
 ``kernels/`` are what gets imported, with the built extension ``rca_fast/_C*.so`` copied beside),
 and the file is restored.  A mutant is *caught* when a test fails, *missed* when all pass,
 *stale* when its snippet is no longer in the file (update the list), *error* on a timeout.
+With ``--recheck`` a mutant its narrow selection misses runs again against the whole ``tests/``
+folder: *caught-wide* when some other test fails (it is caught; widen its selection to that
+test), *MISSED* only when the whole suite passes with the bug in.
 Mutants of csrc/ (the extension's CPU twin) run only with ``--ext``: each rebuilds the extension
 CPU-only in the scratch copy (about 2.5 minutes on 2 cores), then the original build is put back.
 
@@ -91,7 +95,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- k-means (ref; ops default on CPU)
     ("kmeans-tol-sum-not-mean", "rca_fast/ref/kmeans.py",
      "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = tol * x.var(1, unbiased=False).sum(-1)",
-     ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
+     ["tests/test_kmeans.py", "-k", "divides_the_summed_variance"]),
     ("kmeans-tol-1000x", "rca_fast/ref/kmeans.py",
      "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = 1000 * tol * x.var(1, unbiased=False).mean(-1)",
      ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
@@ -264,6 +268,58 @@ MUTANTS = [
     ("pretrained-not-required", "rca_fast/train.py",
      "        require_pretrained(args, resuming=bool(resume))", "        pass",
      ["tests/test_pretrained_required.py"]),
+    # ---------------------------------------------------------------- checkpoints, pseudo labels (issue 20)
+    ("ckpt-tmp-in-system-tmp", "rca_fast/utils/checkpoint.py",
+     'suffix=".tmp", dir=folder)', 'suffix=".tmp", dir=None)',
+     ["tests/test_checkpoint.py", "-k", "beside_the_target"]),
+    ("pseudo-one-percent-counts-ignore", "rca_fast/pseudo.py",
+     "objects = int(((label > 0) & (label < 255)).sum())", "objects = int((label > 0).sum())",
+     ["tests/test_pseudo.py", "-k", "only_non_background"]),
+    ("par-default-dilations", "rca_fast/refine.py",
+     "DEFAULT_DILATIONS: Tuple[int, ...] = (1, 2, 4, 8, 12, 24)", "DEFAULT_DILATIONS: Tuple[int, ...] = (1, 2, 4, 8, 12)",
+     ["tests/test_pseudo.py", "-k", "par_defaults"]),
+    ("pseudo-par-iters-default", "rca_fast/pseudo.py",
+     'p.add_argument("--par-iters", type=int, default=10,', 'p.add_argument("--par-iters", type=int, default=5,',
+     ["tests/test_pseudo.py", "-k", "par_defaults"]),
+    ("att-grid-floor", "rca_fast/utils/att_maps.py",
+     "return max(1, math.ceil(h1 / stride)), max(1, math.ceil(w1 / stride))",
+     "return max(1, int(h1 // stride)), max(1, int(w1 // stride))",
+     ["tests/test_att_dir_grid.py"]),
+    # ---------------------------------------------------------------- DDP paths (2 gloo ranks, ~40 s each)
+    ("att-sync-exists-min", "rca_fast/utils/att_maps.py",
+     "dist.all_reduce(t, op=dist.ReduceOp.MAX)", "dist.all_reduce(t, op=dist.ReduceOp.MIN)",
+     ["tests/test_ddp_paths.py"]),
+    ("att-merge-flags-replaced", "rca_fast/utils/att_maps.py",
+     "self.exists |= exists", "self.exists = exists.clone()",
+     ["tests/test_ddp_paths.py"]),
+    ("att-merge-maps-replaced", "rca_fast/utils/att_maps.py",
+     "self.maps[(i, c)] = m if old is None else torch.maximum(old, m)", "self.maps[(i, c)] = m",
+     ["tests/test_ddp_paths.py"]),
+    ("ddp-contrast-start-off-by-one", "rca_fast/train.py",
+     "self.model.contrast = epoch >= self.args.contrast_start_epoch",
+     "self.model.contrast = epoch > self.args.contrast_start_epoch",
+     ["tests/test_ddp_paths.py"]),
+    ("ddp-ranks-seeded-alike-torch", "rca_fast/train.py",
+     "torch.manual_seed(args.seed + 1000003 * self.rank)", "torch.manual_seed(args.seed)",
+     ["tests/test_ddp_paths.py"]),
+    ("ddp-ranks-seeded-alike-numpy", "rca_fast/train.py",
+     "np.random.seed((args.seed + 1000003 * self.rank) % 2 ** 32)", "np.random.seed(args.seed % 2 ** 32)",
+     ["tests/test_ddp_paths.py"]),
+    # ---------------------------------------------------------------- defaults vs the README's table (issue 20)
+    ("default-weight-decay", "rca_fast/utils/train_args.py",
+     'pub.add_argument("--weight_decay", type=float, default=5e-4)',
+     'pub.add_argument("--weight_decay", type=float, default=5e-3)',
+     ["tests/test_readme_defaults.py"]),
+    ("default-improved-start-epoch", "rca_fast/utils/train_args.py",
+     'prototype_init="zeros", aggregation_start_epoch=4', 'prototype_init="zeros", aggregation_start_epoch=3',
+     ["tests/test_readme_defaults.py"]),
+    ("default-voc-bank-slots", "rca_fast/utils/train_args.py",
+     'decay_points="5,10", bank_slots=500, num_workers=8, snapshot_dir="runs/pascal/model"',
+     'decay_points="5,10", bank_slots=512, num_workers=8, snapshot_dir="runs/pascal/model"',
+     ["tests/test_readme_defaults.py"]),
+    ("readme-public-wd-miscited", "README.md",
+     "lr 1e-3, wd 5e-4 on all parameters", "lr 1e-3, wd 5e-3 on all parameters",
+     ["tests/test_readme_defaults.py"]),
 ]
 
 
@@ -342,6 +398,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="scratch folder to use and keep (default: a temporary one)")
     p.add_argument("--ext", action="store_true", help="also run the csrc/ mutants (one extension rebuild each)")
     p.add_argument("--rev", default=None, help="copy this commit (e.g. HEAD) instead of the working tree")
+    p.add_argument("--recheck", action="store_true",
+                   help="run a mutant its selection misses against the whole tests/ folder before calling it missed")
+    p.add_argument("--recheck-timeout", type=float, default=3600, help="seconds for one whole-suite recheck")
     a = p.parse_args(argv)
     chosen = [m for m in MUTANTS if not a.k or any(w in m[0] for w in a.k)]
     if a.list:
@@ -383,23 +442,31 @@ def main(argv=None) -> int:
                 code, secs, tail = 2, 0.0, "the mutated extension does not build"
             else:
                 code, secs, tail = run_tests(dest, tests, a.timeout)
+            # 1: a test failed; 2: collection failed (the mutated code does not import) -- both caught.
+            # 5 (no test selected), 4 (usage) and timeouts are errors of the list, not verdicts.
+            verdict = {0: "MISSED", 1: "caught", 2: "caught"}.get(code, "error")
+            if verdict == "MISSED" and a.recheck:  # still mutated (and rebuilt): the whole folder
+                print(f"{mid:34s} missed by its selection: rechecking against the whole tests/ folder", flush=True)
+                wide, wide_secs, wide_tail = run_tests(dest, ["tests"], a.recheck_timeout)
+                secs += wide_secs
+                if wide in (1, 2):
+                    verdict, tail = "caught-wide", wide_tail
+                elif wide != 0:
+                    verdict = "error"
         finally:
             with open(target, "w") as f:
                 f.write(text)
             for so, data in saved.items():  # the original build back
                 with open(so, "wb") as f:
                     f.write(data)
-        # 1: a test failed; 2: collection failed (the mutated code does not import) -- both caught.
-        # 5 (no test selected), 4 (usage) and timeouts are errors of the list, not verdicts.
-        verdict = {0: "MISSED", 1: "caught", 2: "caught"}.get(code, "error")
         results.append((mid, verdict, secs))
         print(f"{mid:34s} {verdict:7s} {secs:6.1f}s  {' '.join(tests)}", flush=True)
         if verdict != "caught" and tail:
             print("    " + tail.replace("\n", "\n    "))
-    caught = sum(v == "caught" for _, v, _ in results)
-    counted = sum(v in ("caught", "MISSED") for _, v, _ in results)
+    caught = sum(v in ("caught", "caught-wide") for _, v, _ in results)
+    counted = sum(v in ("caught", "caught-wide", "MISSED") for _, v, _ in results)
     print(f"\ncaught {caught} of {counted} mutants"
-          + "".join(f"; {sum(v == k for _, v, _ in results)} {k}" for k in ("stale", "error", "skipped")
+          + "".join(f"; {sum(v == k for _, v, _ in results)} {k}" for k in ("caught-wide", "stale", "error", "skipped")
                     if any(v == k for _, v, _ in results)))
     if not a.keep:
         shutil.rmtree(dest, ignore_errors=True)

@@ -210,11 +210,13 @@ class EmptyCluster(Exception):
     """The Lloyd oracle met an empty cluster (it does not model re-seeding): draw other data."""
 
 
-def lloyd(points: Sequence[Sequence[float]], init: Sequence[Sequence[float]], iters: int, tol: float):
+def lloyd(points: Sequence[Sequence[float]], init: Sequence[Sequence[float]], iters: int, tol: float,
+          shifts: Optional[List[float]] = None):
     """Float64 Lloyd iterations of one problem from the centres ``init`` with scikit-learn's stop
     rule: after an iteration's update, stop when the labels equal the previous iteration's, or
     when the summed squared centre shift is <= tol * (mean over features of the population
-    variance of the points).  Returns (centres K x D, labels S, iterations run)."""
+    variance of the points).  Returns (centres K x D, labels S, iterations run); each
+    iteration's summed squared shift is appended to ``shifts`` when given."""
     S, D, K = len(points), len(points[0]), len(init)
     variance = 0.0
     for d in range(D):
@@ -236,6 +238,8 @@ def lloyd(points: Sequence[Sequence[float]], init: Sequence[Sequence[float]], it
             new.append([sum(points[s][d] for s in members) / len(members) for d in range(D)])
         shift = sum((new[k][d] - centres[k][d]) ** 2 for k in range(K) for d in range(D))
         centres, n_iter = new, n_iter + 1
+        if shifts is not None:
+            shifts.append(shift)
         if labels == prev or shift <= tol_abs:
             break
         prev = labels

@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -59,6 +60,39 @@ def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["c.pt"], "no temporary file is left behind"
     assert torch.equal(ckpt.load_checkpoint(path)["model"]["w"], first["model"]["w"])
+
+
+@pytest.mark.parametrize("keep", [0, 2])
+def test_temporary_file_is_written_beside_the_target(tmp_path, monkeypatch, gen, keep):
+    """``os.replace`` is atomic only within one filesystem: every temporary file a checkpoint
+    goes through lives in the target's own folder, holds the whole checkpoint when it is moved,
+    and is gone afterwards -- even when the process's temporary folder is somewhere else."""
+    elsewhere = tmp_path / "system_tmp"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))   # where a dir-less mkstemp would go
+    monkeypatch.setenv("TMPDIR", str(elsewhere))
+    moves = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        moves.append((os.path.abspath(src), os.path.abspath(dst), os.path.getsize(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    target = tmp_path / "run" / "checkpoint.pt"
+    model = torch.nn.Linear(7, 5)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(5, 7, generator=gen))
+    written = ckpt.save_checkpoint(str(target), model=model, optimizer=None, epoch=1, step=3, keep=keep)
+    monkeypatch.undo()
+    assert moves, "the checkpoint was not moved into place with os.replace"
+    for src, dst, size in moves:
+        assert os.path.dirname(src) == os.path.dirname(dst) == str(tmp_path / "run"), (src, dst)
+        assert size == os.path.getsize(dst) > 0
+    assert os.path.abspath(written) in {dst for _, dst, _ in moves}
+    assert os.listdir(elsewhere) == []
+    assert sorted(os.listdir(target.parent)) == sorted({os.path.basename(dst) for _, dst, _ in moves})
+    assert torch.equal(ckpt.load_checkpoint(str(target))["model"]["weight"], model.weight.detach())
 
 
 def test_every_epoch_and_save_every_with_keep(tmp_path):

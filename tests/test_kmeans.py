@@ -101,6 +101,46 @@ def test_lloyd_iterations_and_stop_rule_match_a_float64_loop(init, tol, monkeypa
                     assert abs(mean - float(centroids[l, k, d])) < 1e-12
 
 
+def test_stop_rule_divides_the_summed_variance_by_the_features(monkeypatch, gen):
+    """The tolerance is tol x the MEAN per-feature variance (scikit-learn), not their sum: on
+    data and a tol chosen where the two rules stop at different Lloyd iterations (the shifts of
+    a tol = 0 run of the float64 loop pick it), the op runs the iterations of the mean rule."""
+    S, D, K = 150, 9, 6
+    for _ in range(5):  # the oracle does not re-seed: redraw in the rare case a cluster empties
+        points = torch.rand(1, S, D, generator=gen, dtype=torch.float64)
+        seed = numpy_seed(gen)
+        calls = record_lloyd(monkeypatch)
+        ops.kmeans(points, K, seed=seed, tol=0.0)
+        pts, init, shifts = points[0].tolist(), calls[0][0].tolist(), []
+        try:
+            oracles.lloyd(pts, init, 100, 0.0, shifts=shifts)
+        except oracles.EmptyCluster:
+            continue
+        break
+    else:
+        pytest.fail("5 draws in a row emptied a cluster")
+    means = [sum(p[d] for p in pts) / S for d in range(D)]
+    summed_var = sum(sum((p[d] - means[d]) ** 2 for p in pts) / S for d in range(D))
+
+    def stop(threshold):  # iterations run: the first shift <= threshold, else where the labels stop
+        return next((j + 1 for j, v in enumerate(shifts) if v <= threshold), len(shifts))
+
+    for i in range(1, len(shifts) - 1):  # tol putting the SUM rule's threshold just above shift i
+        tol = shifts[i] * (1 + 1e-6) / summed_var
+        by_mean, by_sum = stop(tol * summed_var / D), stop(tol * summed_var)
+        if by_sum < by_mean:
+            break
+    else:
+        pytest.fail(f"no tol separates the two rules on this draw (shifts {shifts})")
+    calls = record_lloyd(monkeypatch)
+    centroids, _, _ = ops.kmeans(points, K, seed=seed, tol=tol)
+    want, _, n_iter = oracles.lloyd(pts, init, 100, tol)
+    assert n_iter == by_mean
+    assert len(calls) - 1 == by_mean, (f"{len(calls) - 1} Lloyd iterations; the mean rule stops after {by_mean}, "
+                                       f"the sum rule after {by_sum}")
+    torch.testing.assert_close(centroids[0], torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
 def test_same_seed_same_result(gen):
     points, _ = blobs(3, 97, 13, 6, gen, std=3.0)
     seed = numpy_seed(gen)

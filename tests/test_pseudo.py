@@ -6,6 +6,7 @@ per-pixel loop of the par propagation.
 import builtins
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -290,3 +291,47 @@ def test_gt_saliency_stand_in(tmp_path, gen):
             want[y, x] = sum(fg[min(max(y + a, 0), h - 1), min(max(x + b, 0), w - 1)]
                              for a in (-1, 0, 1) for b in (-1, 0, 1)) / 9
     np.testing.assert_allclose(got, np.round(want * 255), atol=1)
+
+
+def test_image_whose_only_non_background_pixels_are_ignored_becomes_all_ignore(gen):
+    """Rule 6 counts object pixels only: an image with > 1% ignore pixels (two classes in
+    conflict over a block) but no object pixel at all is all 255, not background + 255."""
+    h, w = 21, 27
+    maps = np.zeros((2, h, w), np.uint8)
+    y, x = int(torch.randint(0, h - 5, (1,), generator=gen)), int(torch.randint(0, w - 6, (1,), generator=gen))
+    block = (torch.rand(2, 5, 6, generator=gen) * 15 + 240).round().to(torch.uint8).numpy()
+    maps[:, y:y + 5, x:x + 6] = block        # both scaled > 0.9 there: a conflict, 30 px = 5% of the image
+    want = rules_loop(maps, [0, 3], 4, None)
+    got = pseudo.pseudo_label(np.zeros((h, w, 3), np.uint8), maps, [0, 3], 4)
+    np.testing.assert_array_equal(got, want)
+    assert (want == 255).all()
+    # the rule's premise in this draw: before rule 6 there are only background and ignore pixels
+    cams = pseudo.class_scores(maps)
+    conflict = (cams > 0.9).sum(axis=0) > 1
+    assert conflict.sum() == 30 and (cams[:, ~conflict] == 0).all()
+
+
+def test_program_par_defaults_are_the_documented_ones(tmp_path, monkeypatch, gen):
+    """``python -m rca_fast.pseudo`` without --refine / --par-* refines with par at the dilations
+    and number of propagation steps the README states (read from its text)."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
+    m = re.search(r"`--refine par` \(default\).*?dilations ([\d, ]+?), (\d+)\s+propagation steps", readme,
+                  re.DOTALL)
+    assert m, "README no longer states the par dilations and steps in the form this test reads"
+    dilations, steps = tuple(int(d) for d in m.group(1).split(",")), int(m.group(2))
+    calls = []
+    real = pseudo.par_refine
+
+    def spy(images, scores, **kwargs):
+        calls.append(kwargs)
+        return real(images, scores, **kwargs)
+
+    monkeypatch.setattr(pseudo, "par_refine", spy)
+    root = str(tmp_path)
+    maps, classes, sal = hand_made(gen, h=13, w=15)
+    write_case(root, "x", (torch.rand(13, 15, 3, generator=gen) * 255).to(torch.uint8).numpy(), maps, classes, sal)
+    pseudo.main(["--maps", f"{root}/maps", "--list", f"{root}/list.txt", "--images", f"{root}/images",
+                 "--out", f"{root}/out", "--num-classes", "7", "--workers", "1", "--no-progress"])
+    assert len(calls) == 1
+    assert calls[0].get("iters") == steps and tuple(calls[0].get("dilations")) == dilations, calls[0]
