@@ -14,7 +14,7 @@ from ..utils.cams import parse_scales
 # the ASPP), momentum 0.9, wd 5e-4, poly 0.9 over 20k iterations, scales 0.5-1.5.  The synthetic
 # defaults train the tiny net in a couple of minutes on one CPU thread.
 DATASET_DEFAULTS = {
-    "synthetic": dict(num_classes=6, backbone="tiny", crop_size=96, batch_size=8, lr=0.02, steps=1600,
+    "synthetic": dict(num_classes=6, backbone="tiny", crop_size=96, batch_size=8, lr=0.02, steps=800,
                       scales="0.75,1.0,1.25", save_every=400, num_workers=0),
     "voc": dict(num_classes=20, backbone="deeplabv2-resnet101", crop_size=321, batch_size=10, lr=2.5e-4,
                 steps=20000, scales="0.5,0.75,1.0,1.25,1.5", save_every=1000, num_workers=4),
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deeplabv2: frozen BatchNorm (auto: on with --pretrained)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=None, help="training iterations = the poly schedule's length "
-                                                           "(voc 20000, coco 100000, synthetic 1600)")
+                                                           "(voc 20000, coco 100000, synthetic 800)")
     o.add_argument("--max-steps", type=int, default=None,
                    help="stop at this step (checkpoint written, schedule unchanged; --resume continues)")
     o.add_argument("--batch-size", type=int, default=None, help="per process (voc 10)")
