@@ -41,7 +41,7 @@ setup(
     python_requires=">=3.10",
     packages=["rca_fast", "rca_fast.ops", "rca_fast.ref", "rca_fast.model", "rca_fast.data",
               "rca_fast.kernels", "rca_fast.kernels.map", "rca_fast.kernels.nce",
-              "rca_fast.kernels.attention", "rca_fast.profile", "rca_fast.utils"],
+              "rca_fast.kernels.attention", "rca_fast.profile", "rca_fast.segment", "rca_fast.utils"],
     package_dir={"rca_fast.kernels": "kernels"},
     # Supported: torch 2.11 (the GPU machines': Triton 3.6) to 2.14 (Triton 3.8); CI tests both ends.
     # Triton comes with torch's Linux CUDA builds; the kernels need >= 3.6.

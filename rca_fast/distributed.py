@@ -55,6 +55,45 @@ def setup(device: str) -> Tuple[torch.device, bool]:
     return dev, created
 
 
+def start(device: str, out: str, log_name: str):
+    """A program's start under torchrun or alone: :func:`setup`, the output folder (rank 0) and the
+    logger (rank 0: stdout and ``out/log_name``; other ranks: warnings only).
+
+    Returns (device, created, rank, world size, logger)."""
+    import logging
+
+    from .utils.logs import get_logger
+
+    dev, created = setup(device)
+    main = rank() == 0
+    if main:
+        os.makedirs(out, exist_ok=True)
+    log = get_logger(os.path.join(out, log_name) if main else None)
+    if not main:
+        log.setLevel(logging.WARNING)
+    return dev, created, rank(), world_size(), log
+
+
+def rank_batches(dataset_len: int, batch_size: int, seed: int, epoch: int, skip: int = 0,
+                 shuffle: bool = True) -> List[List[int]]:
+    """This rank's batches of an epoch, the first ``skip`` left out; the same on every call, so a
+    resumed run skips to where it was.
+
+    ``shuffle``: DistributedSampler's shuffled order for (seed, epoch) (drop_last), cut into full
+    batches (one short batch when the share is below ``batch_size``).  Not ``shuffle``: the list
+    order (the sampler pads the list with its first indices to an equal share per rank), every
+    index, the last partial batch kept."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(dataset_len), num_replicas=world_size(), rank=rank(), shuffle=shuffle,
+                                 seed=seed, drop_last=shuffle)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    full = not shuffle or len(order) < batch_size
+    usable = len(order) if full else (len(order) // batch_size) * batch_size
+    return [order[i:i + batch_size] for i in range(0, usable, batch_size)][skip:]
+
+
 def cleanup(created: bool) -> None:
     if created and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

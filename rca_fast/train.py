@@ -34,7 +34,6 @@ Importable: ``rca_fast.train.main(argv) -> metrics dict``; :class:`Trainer` hold
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
@@ -46,7 +45,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed
@@ -54,9 +53,8 @@ from .data.training import build_datasets
 from .model.losses import rca_loss
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales
 from .utils.att_maps import AttentionMaps
-from .utils.checkpoint import (LATEST_NAME, capture_rng_state, latest_checkpoint, load_checkpoint,
-                               load_model_state, restore_rng_state, save_checkpoint)
-from .utils.logs import get_logger
+from .utils.checkpoint import (LATEST_NAME, capture_rng_state, load_checkpoint, load_model_state,
+                               resolve_resume, restore_rng_state, save_checkpoint)
 from .utils.metrics import CamSweepMeter, format_iou_table
 from .utils.train_args import parse_args, require_pretrained
 
@@ -150,14 +148,9 @@ class Trainer:
 
     def __init__(self, args):
         self.args = args
-        self.device, self._created_group = distributed.setup(args.device)
-        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.device, self._created_group, self.rank, self.world, self.log = distributed.start(
+            args.device, args.out, "train.log")
         self.is_main = self.rank == 0
-        if self.is_main:
-            os.makedirs(args.out, exist_ok=True)
-        self.log = get_logger(os.path.join(args.out, "train.log") if self.is_main else None)
-        if not self.is_main:
-            self.log.setLevel(logging.WARNING)
         random.seed(args.seed)
         np.random.seed(args.seed % 2 ** 32)
         torch.manual_seed(args.seed)
@@ -211,12 +204,7 @@ class Trainer:
     # ---- state ----
     def resolve_resume(self, resume: Optional[str]) -> Optional[str]:
         """``--resume``: a path, or "auto" = the newest checkpoint in ``--out`` (None when there is none)."""
-        if resume != "auto":
-            return resume
-        path = latest_checkpoint(self.args.out)
-        if path is None:
-            self.log.info(f"--resume auto: no checkpoint in {self.args.out}, starting a fresh run")
-        return path
+        return resolve_resume(resume, self.args.out, self.log)
 
     def load(self, path: str) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -315,20 +303,11 @@ class Trainer:
     def shuffled(self) -> bool:
         return getattr(self.args, "input_pipeline", "public") != "public"
 
-    def epoch_order(self, epoch: int) -> List[int]:
-        """This rank's dataset indices of the epoch, in order (all of them: partial batch included)."""
-        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank,
-                                     shuffle=self.shuffled(), seed=self.args.seed, drop_last=self.shuffled())
-        sampler.set_epoch(epoch)
-        return list(sampler)
-
     def batches(self, epoch: int, skip: int = 0) -> DataLoader:
-        """This rank's batches of the epoch (:meth:`epoch_order` cut into ``--batch_size`` pieces:
-        the partial last one kept (public) or dropped (augmented)), the first ``skip`` left out."""
-        bs = self.args.batch_size
-        order = self.epoch_order(epoch)
-        usable = len(order) if not self.shuffled() or len(order) < bs else (len(order) // bs) * bs
-        batches = [order[i:i + bs] for i in range(0, usable, bs)][skip:]
+        """This rank's batches of the epoch (:func:`distributed.rank_batches`: the partial last one
+        kept (public) or dropped (augmented)), the first ``skip`` left out."""
+        batches = distributed.rank_batches(len(self.train_set), self.args.batch_size, self.args.seed, epoch, skip,
+                                           shuffle=self.shuffled())
         # own generator: the loader's base seed must not come from (and advance) the global RNG,
         # or a resumed run would draw differently from an uninterrupted one
         loader_gen = torch.Generator().manual_seed(self.args.seed * 100003 + epoch * 101 + self.rank)

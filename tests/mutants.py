@@ -323,6 +323,28 @@ MUTANTS = [
     ("readme-public-wd-miscited", "README.md",
      "lr 1e-3, wd 5e-4 on all parameters", "lr 1e-3, wd 5e-3 on all parameters",
      ["tests/test_readme_defaults.py"]),
+    # ---------------------------------------------------------------- step 3: rca_fast.segment
+    ("segment-loss-mean-over-all-pixels", "rca_fast/model/segmentation.py",
+     "return total / valid.sum().clamp_min(1)", "return total / target.numel()",
+     ["tests/test_segment.py", "-k", "loss_ignores"]),
+    ("segment-poly-off-by-one", "rca_fast/segment/trainer.py",
+     "1.0 - min(step, total) / total", "1.0 - min(step + 1, total) / total",
+     ["tests/test_segment.py", "-k", "poly"]),
+    ("segment-no-new-layer-mult", "rca_fast/segment/trainer.py",
+     'group["lr"] = self.args.lr * group.get("lr_mult", 1.0) * factor', 'group["lr"] = self.args.lr * factor',
+     ["tests/test_segment.py", "-k", "poly"]),
+    ("segment-resume-restarts-epoch", "rca_fast/segment/trainer.py",
+     "for batch in self.batches(epoch, self.step % spe):", "for batch in self.batches(epoch, 0):",
+     ["tests/test_segment.py", "-k", "resume"]),
+    ("segment-label-size-unchecked", "rca_fast/data/seg_pairs.py",
+     "if _png_size(label_path) != _png_size(image_path):", "if False:",
+     ["tests/test_segment.py", "-k", "mismatched"]),
+    ("segment-flip-image-only", "rca_fast/data/seg_pairs.py",
+     "image, label = image[:, ::-1], label[:, ::-1]", "image = image[:, ::-1]",
+     ["tests/test_segment.py", "-k", "aligned"]),
+    ("segment-eval-flip-not-undone", "rca_fast/segment/predict.py",
+     "[0].flip(-1)", "[0]",
+     ["tests/test_segment.py", "-k", "multiscale"]),
 ]
 
 

@@ -129,6 +129,17 @@ def latest_checkpoint(folder: str) -> Optional[str]:
     return numbered[-1] if numbered else None
 
 
+def resolve_resume(resume: Optional[str], folder: str, log=None) -> Optional[str]:
+    """A ``--resume`` value: a path (returned as it is), None, or "auto" = :func:`latest_checkpoint`
+    of ``folder`` (None, said on ``log``, when it holds none: a fresh run)."""
+    if resume != "auto":
+        return resume
+    path = latest_checkpoint(folder)
+    if path is None and log is not None:
+        log.info(f"--resume auto: no checkpoint in {folder}, starting a fresh run")
+    return path
+
+
 def save_checkpoint(path: str, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     epoch: int, step: int, epoch_done: bool = True, batch_in_epoch: int = 0,
                     model_config: Optional[Dict[str, Any]] = None, args: Optional[Dict[str, Any]] = None,
