@@ -6,7 +6,7 @@ backward + the EMA bank update of the rows scoring above 0.7.
 Shapes (public defaults): B=8 images, L=20 classes, S=500 slots, D=512, 46x46 features (crop 368
 at stride 8), 1-3 present classes per image.
 
-  (a) public_loops   benchmarks/public_rca_head.py (loops per image, class, region and bank row)
+  (a) public_loops   rca_fast/ref/public_head.py (loops per image, class, region and bank row)
   (b) rca_fast_ops   rca_fast.model.rca.region_contrast (ops.masked_average_pool with labels,
                      ops.bank_nce_loss with mixup) + MemoryBank.update (ops.ema_update_)
   (c) compiled_ref   torch.compile of (b) on the plain-torch reference ops (CUDA only)
@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import harness
-from public_rca_head import public_bank_update, public_rca_head
+from rca_fast.ref.public_head import public_bank_update, public_rca_head
 from rca_fast.model import MemoryBank
 from rca_fast.model.rca import region_contrast
 

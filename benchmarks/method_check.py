@@ -84,7 +84,7 @@ def coarse_head_miou(trainer) -> float:
     import torch
     from torch.utils.data import DataLoader
 
-    from rca_fast.train import collate
+    from rca_fast.data.collate import collate
     from rca_fast.utils.cams import multiscale_cams, normalise_cams, parse_scales
     from rca_fast.utils.metrics import CamSweepMeter
 

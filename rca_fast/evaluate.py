@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .data.voc import COCO_CLASSES, VOC_CLASSES, DataFileError, load_mask, read_class_list
 from .utils.metrics import CamSweepMeter, ConfusionMeter, default_thresholds, format_iou_table
+from .utils.program import run_program
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,8 +186,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -29,11 +28,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import SyntheticShapes, VOCSegmentation
-from .train import build_model, collate, cpu_threads
+from .data.collate import collate
+from .model.config import build_model
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales, present_classes
 from .utils.checkpoint import load_checkpoint, load_model_state
 from .utils.metrics import cam_to_label
 from .utils.palette import overlay_strip, save_label_png
+from .utils.program import run_program
+from .utils.threads import cpu_threads
 
 DEFAULT_BG_THRESHOLD = 0.15
 
@@ -172,8 +174,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

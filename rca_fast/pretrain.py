@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Dict, Optional, Sequence
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from .data import SyntheticShapes
 from .model.backbones import TinyBackbone
+from .utils.program import run_program
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,8 +140,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
@@ -42,6 +41,7 @@ from tqdm import tqdm
 from .data.voc import DataFileError, find_image, load_image, read_class_list
 from .refine import DEFAULT_DILATIONS, crf_available, crf_refine, par_refine, CRF_EXTRA_HINT
 from .utils.palette import save_label_png
+from .utils.program import run_program
 
 ALPHA = 4            # background score exponent for the refinement
 CONFLICT = 0.9       # more than one plane above this -> 255
@@ -246,8 +246,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main, [(ImportError, 2, "error")])   # --refine crf without pydensecrf

@@ -37,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ from tqdm import tqdm
 from . import distributed
 from .data import (SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation, find_mask_dir,
                    synthetic_class_names, COCO_CLASSES, VOC_CLASSES)
+from .data.collate import collate
+from .model.config import build_model, kaiming_init_, model_config
 from .model.losses import rca_loss
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales
 from .utils.att_maps import AttentionMaps
@@ -54,73 +56,11 @@ from .utils.checkpoint import (LATEST_NAME, capture_rng_state, latest_checkpoint
                                load_model_state, restore_rng_state, save_checkpoint)
 from .utils.logs import get_logger
 from .utils.metrics import CamSweepMeter, format_iou_table
+from .utils.program import run_program
+from .utils.threads import cpu_threads
 from .utils.train_args import parse_args
 
 LOSS_KEYS = ("loss", "cls", "coarse_cls", "contrast")
-
-
-def collate(items: List[Dict]) -> Dict:
-    """Stack tensor fields; keep names, indices, sizes (and missing labels) as lists."""
-    out = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        if all(isinstance(v, torch.Tensor) for v in values):
-            out[key] = torch.stack(values)
-        else:
-            out[key] = values
-    return out
-
-
-def model_config(args) -> Dict:
-    """RCAModel keyword arguments from the flags (plain values: stored in checkpoints)."""
-    return dict(num_classes=args.num_classes, backbone=args.backbone, bank_slots=args.bank_slots,
-                prototypes=args.prototypes, gamma=args.gamma, score_threshold=args.score_threshold,
-                temperature=args.temperature, contrast=bool(args.contrast), mixup=bool(args.mixup),
-                mixup_alpha=args.mixup_alpha, aggregation=args.aggregation_mode,
-                shared_final_head=bool(args.shared_final_head), bank_dtype=getattr(args, "bank_dtype", "float32"),
-                attention_scale=getattr(args, "attention_scale", "sqrt"),
-                prototype_init=getattr(args, "prototype_init", "randn"),
-                first_write=getattr(args, "first_write", "ema"),
-                kmeans_warm_start=bool(getattr(args, "kmeans_warm_start", False)))
-
-
-def build_model(config: Dict, pretrained: Optional[str] = None):
-    """An RCAModel from a :func:`model_config` dict (as stored in a checkpoint)."""
-    from .model.rca import RCAModel
-    from .utils.checkpoint import dtype_from_name
-
-    kwargs = dict(config)
-    kwargs["bank_dtype"] = dtype_from_name(kwargs.get("bank_dtype", "float32"))
-    return RCAModel(pretrained=pretrained, **kwargs)
-
-
-def kaiming_init_(model: torch.nn.Module, keep_pretrained: bool = False) -> None:
-    """He-normal (fan-in, ReLU) weights and zero biases for every conv and linear layer
-    (with ``keep_pretrained``: of the layers not loaded from a pretrained backbone file).
-
-    Why: the tiny backbone and the CAM heads have no normalisation layers; under PyTorch's
-    default init each conv + ReLU shrinks the signal about 2.4x, so across the 8 layers from
-    image to CAM it all but vanishes and SGD stays at the class prior.  He-normal keeps the
-    scale, and the network learns.  (VGG16/ResNet50 come with their own init or weights.)
-    """
-    modules = model.new_modules() if keep_pretrained else [model]
-    for module in (m for top in modules for m in top.modules()):
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-
-
-def cpu_threads(requested: int) -> int:
-    """Threads for torch on the CPU: ``requested``, or (0) torch's own count -- fixed by the
-    machine (its cores, or OMP_NUM_THREADS), never by its load: the thread count changes a CPU
-    run's float sums and so its result (the same seed gave 58.3% and 40.3% CAM mIoU with 1 and 2
-    threads), so a count read from the load made two runs of one command differ.  On a busy
-    machine ``--threads`` with fewer threads runs faster (2 threads on 2 busy cores ran 7x slower
-    than 1)."""
-    if requested > 0:
-        return requested
-    return torch.get_num_threads()
 
 
 def build_datasets(args):
@@ -570,14 +510,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingInterrupted as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        sys.exit(130)  # the shell's code for a run ended by SIGINT
-    except FloatingPointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    # 130: the shell's code for a run ended by SIGINT
+    run_program(main, [(TrainingInterrupted, 130, "stopped"), (FloatingPointError, 1, "error")])

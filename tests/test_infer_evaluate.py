@@ -15,7 +15,7 @@ from rca_fast import evaluate as evaluate_mod
 from rca_fast import infer as infer_mod
 from rca_fast.data import DataFileError
 from rca_fast.data.synthetic import SyntheticShapes, export_voc
-from rca_fast.train import build_model
+from rca_fast.model.config import build_model
 from rca_fast.train import main as train_main
 from rca_fast.utils.cams import normalise_cams
 from rca_fast.utils.checkpoint import load_checkpoint

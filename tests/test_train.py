@@ -10,7 +10,8 @@ import torch
 
 from oracles import cam_label_oracle, cam_oracle, iou_oracle
 from rca_fast.data.synthetic import SyntheticShapes, export_voc
-from rca_fast.train import Trainer, build_model, main
+from rca_fast.model.config import build_model
+from rca_fast.train import Trainer, main
 from rca_fast.utils.checkpoint import load_checkpoint
 from rca_fast.utils.train_args import parse_args
 
