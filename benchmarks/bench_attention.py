@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
+from rca_fast.profile import counts
 from rca_fast.ref.attention import prototype_attention as ref_attention
 
 GPU_CASES = [(8, 2116, 200, 512, 512), (8, 2116, 2048, 512, 512)]   # (B, N, P, D, Dv)
@@ -43,20 +44,16 @@ def shape_id(case) -> str:
     return f"B{B}-{hw}-P{P}-D{D}-Dv{Dv}"
 
 
-def attention_cost(case, elem_bytes: int, mode: str):
-    """(bytes, FLOPs) the step must at least move and compute: the forward reads q, k, v and writes
-    out (+ the fp32 lse row); the backward reads q, k, v, out, dO (+ lse) and writes dq, dk, dv.
-    FLOPs are the math's matmuls, no recomputation: forward q k^T and p v, backward dO v^T, p^T dO,
-    ds k and ds^T q."""
+def profile_shape(case) -> counts.ProfileShape:
+    """The case as the cost model's shape (``counts.attention_fwd`` / ``attention_bwd``: the
+    minimum -- q, k, v read and out written; the backward reads q, k, v, dO and writes dq, dk, dv,
+    no saved statistics; FLOPs of the math's matmuls, no recomputation): N queries per image as
+    an N x 1 map, the P prototypes as P classes of one each.  The model's values are as wide as its
+    queries (Dv = D), the only case the cost model counts."""
     B, N, P, D, Dv = case
-    M = B * N
-    fwd_bytes = elem_bytes * (M * D + P * D + P * Dv + M * Dv) + 4 * M
-    fwd_flops = 2 * M * P * (D + Dv)
-    if mode == "fwd":
-        return fwd_bytes, fwd_flops
-    bwd_bytes = elem_bytes * (2 * M * D + 2 * P * D + 2 * P * Dv + 2 * M * Dv) + 4 * M
-    bwd_flops = 2 * M * P * (2 * D + 2 * Dv)
-    return fwd_bytes + bwd_bytes, fwd_flops + bwd_flops
+    if Dv != D:
+        raise ValueError(f"the cost model counts Dv == D, got D={D}, Dv={Dv}")
+    return counts.ProfileShape(shape_id(case), B=B, L=P, S=1, D=D, H=N, W=1, K=1, present=1)
 
 
 def make_attention(provider: str, B: int, N: int):
@@ -134,12 +131,9 @@ def test_attention(benchmark, device, case_index, dtype_name, mode, provider):
     benchmark.group = f"attention-{shape_id(case)}-{dtype_name}-{mode}-{device.type}"
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     ms = harness.time_ms(step, device, reps=ROUNDS)
-    nbytes, flops = attention_cost(case, torch.finfo(dtype).bits // 8, mode)
-    roofline = harness.roofline_ms(nbytes, flops, device,
-                                   dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    nbytes, flops = harness.work("prototype_attention", profile_shape(case), dtype, mode)
     row = {"op": "prototype_attention", "provider": provider, "shape": shape_id(case),
-           "dtype": dtype_name, "mode": mode, "ms": ms, "roofline_ms": roofline,
-           "frac_roofline": roofline / ms, "extra_MB": extra_memory_mb(step, device)}
+           "dtype": dtype_name, "mode": mode, "ms": ms, "extra_MB": extra_memory_mb(step, device)}
     key = (device.type, shape_id(case), dtype_name, mode)
     _median_ms[key + (provider,)] = ms
     if provider == "rca_fast":
@@ -150,4 +144,4 @@ def test_attention(benchmark, device, case_index, dtype_name, mode, provider):
         ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
         print(f"\nprototype_attention {shape_id(case)} {dtype_name} {mode}: rca_fast {ms:.3f} ms; "
               f"speed-up over {ratios or 'nothing timed in this run'} (target: > 1x sdpa_efficient)")
-    harness.record("bench_attention", row, device, bytes_moved=nbytes, flops=flops)
+    harness.record("bench_attention", row, device, nbytes=nbytes, flops=flops, dtype=harness.dtype_name(dtype))

@@ -9,8 +9,9 @@ touched rows are read and written).  Rows:
                with Python-int indices, p = (p + 1) % S kept in a Python list
   ref          rca_fast.ref.ema.ema_update_ (vectorised plain torch: one indexed write per round)
 
-Target (issue 5): GPU >= 10x the Python loop.  Bytes: each row reads and writes one bank row and
-reads one embedding row.  Run: ``pytest benchmarks/bench_ema.py --benchmark-only -s``; rows go to
+Target (issue 5): GPU >= 10x the Python loop.  Bytes and FLOPs: ``rca_fast.profile.counts.ema_fwd``
+(the project's one cost model: each row reads and writes one bank row and reads one embedding row
+and its class; the ring pointers are read and written).  Run: ``pytest benchmarks/bench_ema.py --benchmark-only -s``; rows go to
 benchmarks/results/bench_ema-<device>.json.
 """
 import importlib
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import harness
+from rca_fast.profile import counts
 
 ref_ema = importlib.import_module("rca_fast.ref.ema").ema_update_
 
@@ -61,7 +63,8 @@ def test_ema(benchmark, device, provider):
     benchmark.group = f"ema-L{L}-S{S}-D{D}-N{N}-{device.type}"
     benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
     ms = harness.time_ms(step, device, reps=50)
-    nbytes = N * D * 4 * 3
+    shape = counts.ProfileShape(f"L{L}-S{S}-D{D}-N{N}", B=N, L=L, S=S, D=D, H=1, W=1, K=1, present=1)
+    nbytes, flops = harness.work("ema_update_", shape, torch.float32, "fwd")
     row = {"op": "ema_update_", "provider": provider, "shape": f"L{L}-S{S}-D{D}-N{N}", "ms": ms}
     _median_ms[(device.type, provider)] = ms
     if provider == "rca_fast":
@@ -71,4 +74,4 @@ def test_ema(benchmark, device, provider):
         if "speedup_vs_python_loop" in row:
             print(f"\nema_update_ {device.type}: rca_fast {ms * 1e3:.1f} us, "
                   f"{row['speedup_vs_python_loop']:.1f}x the Python loop")
-    harness.record("bench_ema", row, device, bytes_moved=nbytes)
+    harness.record("bench_ema", row, device, nbytes=nbytes, flops=flops)

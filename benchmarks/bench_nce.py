@@ -4,7 +4,8 @@ Each query row against the whole (L, S, D) memory bank, cosine similarity / 0.07
 trains).  Targets (issue 4, H100/H200), forward, bank 1000x1000x512 bf16 (query bf16 too):
   * N=512 and N=64: within 2x of the roofline time, the larger of (bytes that must move / measured
     copy bandwidth) and (matmul FLOPs / measured bf16 matmul rate) -- N=64 is bank-read bound,
-    N=512 matmul bound;
+    N=512 matmul bound; bytes and FLOPs from ``rca_fast.profile.counts.nce_fwd`` / ``nce_bwd``
+    (the project's one cost model: N query rows of one present class each);
   * extra device memory of one step < 64 MB (torch.cuda.max_memory_allocated above what the
     inputs hold; the eager reference materialises N x L x S logits: 2 GB at N=512).
 Rows, per case, dtype (bf16: bf16 query and bank; fp32) and mode (fwd, fwd_bwd):
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 import harness
+from rca_fast.profile import counts
 from rca_fast.ref.nce import bank_nce_loss as ref_nce
 
 # (N, L, S, D)
@@ -44,23 +46,10 @@ def shape_id(case) -> str:
     return f"N{N}-L{L}-S{S}-D{D}"
 
 
-def nce_cost(case, elem_bytes: int, mode: str):
-    """(bytes, FLOPs) one step must at least move / compute.
-
-    Forward: read the bank and the queries once, the targets, mix targets and weights (8 + 8 + 4
-    bytes a row), write the (N,) losses.  FLOPs: the similarities, 2*N*L*S*D (the normalisation
-    and the logsumexps are O(N*L*S), left out).  Backward: read the bank again (nothing of size
-    N x L x S is kept), read the queries, write d(query); FLOPs: 2*N*L*S*D for d(query) = dS @ M
-    (a kernel that recomputes the similarities does more: that is its cost, not the problem's).
-    """
+def profile_shape(case) -> counts.ProfileShape:
+    """The case as the cost model's shape: N images of one present class = N query rows."""
     N, L, S, D = case
-    bank = L * S * D * elem_bytes
-    rows = N * D * elem_bytes
-    fwd_bytes = bank + rows + N * (8 + 8 + 4 + 4)
-    flops = 2 * N * L * S * D
-    if mode == "fwd":
-        return fwd_bytes, flops
-    return fwd_bytes + bank + 2 * rows, 2 * flops
+    return counts.ProfileShape(shape_id(case), B=N, L=L, S=S, D=D, H=1, W=1, K=1, present=1)
 
 
 def make_nce(provider: str):
@@ -124,12 +113,9 @@ def test_nce(benchmark, device, case_name, dtype_name, mode, provider):
     benchmark.group = f"nce-{shape_id(case)}-{dtype_name}-{mode}-{device.type}"
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     ms = harness.time_ms(timed, device, reps=ROUNDS)
-    nbytes, flops = nce_cost(case, torch.finfo(dtype).bits // 8, mode)
-    roofline = harness.roofline_ms(nbytes, flops, device,
-                                   dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    nbytes, flops = harness.work("bank_nce_loss", profile_shape(case), dtype, mode)
     row = {"op": "bank_nce_loss", "provider": provider, "shape": shape_id(case), "case": case_name,
-           "dtype": dtype_name, "mode": mode, "mixup": True, "ms": ms, "roofline_ms": roofline,
-           "frac_roofline": roofline / ms, "extra_MB": extra_mb}
+           "dtype": dtype_name, "mode": mode, "mixup": True, "ms": ms, "extra_MB": extra_mb}
     key = (device.type, case_name, dtype_name, mode)
     _median_ms[key + (provider,)] = ms
     is_target = provider == "rca_fast" and case_name in TARGET_CASES and dtype_name == "bf16" and mode == "fwd"
@@ -140,8 +126,9 @@ def test_nce(benchmark, device, case_name, dtype_name, mode, provider):
     if is_target:
         row["target_max_roofline_factor"] = TARGET_ROOFLINE_FACTOR
         row["target_extra_MB"] = TARGET_EXTRA_MB
-    harness.record("bench_nce", row, device, bytes_moved=nbytes, flops=flops)
+    full = harness.record("bench_nce", row, device, nbytes=nbytes, flops=flops, dtype=harness.dtype_name(dtype))
     if is_target:
+        roofline = full["roofline_ms"]
         met = ms <= TARGET_ROOFLINE_FACTOR * roofline and extra_mb < TARGET_EXTRA_MB
         print(f"\nbank_nce_loss {shape_id(case)} bf16 fwd: rca_fast {ms:.3f} ms = {ms / roofline:.2f}x roofline "
               f"({roofline:.3f} ms), extra memory {extra_mb:.1f} MB (target <= {TARGET_ROOFLINE_FACTOR}x, "
