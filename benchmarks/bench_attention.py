@@ -34,8 +34,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ["fwd", "fwd_bwd"]
 ROUNDS = 20
 
-_median_ms = {}  # (device, shape, dtype, mode, provider) -> ms, for the speed-up columns
-
 
 def shape_id(case) -> str:
     B, N, P, D, Dv = case
@@ -98,30 +96,13 @@ def make_step(fn, case, dtype, mode, device):
     return step
 
 
-def extra_memory_mb(step, device):
-    """Peak device memory one step allocates beyond what was allocated before it, in MB (None on
-    CPU, where torch keeps no such count)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    return (torch.cuda.max_memory_allocated(device) - base) / 1e6
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case_index", [0, 1], ids=["P200", "P2048"])
 def test_attention(benchmark, device, case_index, dtype_name, mode, provider):
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    if case_index >= len(cases):
-        pytest.skip("this case is benchmarked on CUDA only")
-    if device.type != "cuda" and (provider != "ref" or dtype_name != "fp32"):
-        pytest.skip("on CPU only the eager reference in fp32 is benchmarked")
-    case = cases[case_index]
-    dtype = DTYPES[dtype_name]
+    case, dtype = harness.pick_case(device, dict(enumerate(GPU_CASES)), dict(enumerate(CPU_CASES)), case_index,
+                                    provider, DTYPES, dtype_name)
     fn = make_attention(provider, case[0], case[1])
     step = make_step(fn, case, dtype, mode, device)
     try:
@@ -133,14 +114,10 @@ def test_attention(benchmark, device, case_index, dtype_name, mode, provider):
     ms = harness.time_ms(step, device, reps=ROUNDS)
     nbytes, flops = harness.work("prototype_attention", profile_shape(case), dtype, mode)
     row = {"op": "prototype_attention", "provider": provider, "shape": shape_id(case),
-           "dtype": dtype_name, "mode": mode, "ms": ms, "extra_MB": extra_memory_mb(step, device)}
-    key = (device.type, shape_id(case), dtype_name, mode)
-    _median_ms[key + (provider,)] = ms
+           "dtype": dtype_name, "mode": mode, "ms": ms, "extra_MB": harness.extra_memory_mb(step, device)}
+    harness.add_speedups(row, ("attention", device.type, shape_id(case), dtype_name, mode), provider,
+                         PROVIDERS, ms)
     if provider == "rca_fast":
-        # Providers run before rca_fast in PROVIDERS order, so their medians are here already.
-        for other in PROVIDERS[:-1]:
-            if key + (other,) in _median_ms:
-                row[f"speedup_vs_{other}"] = _median_ms[key + (other,)] / ms
         ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
         print(f"\nprototype_attention {shape_id(case)} {dtype_name} {mode}: rca_fast {ms:.3f} ms; "
               f"speed-up over {ratios or 'nothing timed in this run'} (target: > 1x sdpa_efficient)")

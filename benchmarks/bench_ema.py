@@ -27,7 +27,6 @@ ref_ema = importlib.import_module("rca_fast.ref.ema").ema_update_
 N, S, D = 64, 1000, 512
 GAMMA = 0.99
 PROVIDERS = ["python_loop", "ref", "rca_fast"]
-_median_ms = {}
 
 
 def python_loop(bank, ptr_list, emb, target_list, gamma=GAMMA):
@@ -66,11 +65,8 @@ def test_ema(benchmark, device, provider):
     shape = counts.ProfileShape(f"L{L}-S{S}-D{D}-N{N}", B=N, L=L, S=S, D=D, H=1, W=1, K=1, present=1)
     nbytes, flops = harness.work("ema_update_", shape, torch.float32, "fwd")
     row = {"op": "ema_update_", "provider": provider, "shape": f"L{L}-S{S}-D{D}-N{N}", "ms": ms}
-    _median_ms[(device.type, provider)] = ms
+    harness.add_speedups(row, ("ema", device.type), provider, PROVIDERS, ms)
     if provider == "rca_fast":
-        for other in PROVIDERS[:-1]:
-            if (device.type, other) in _median_ms:
-                row[f"speedup_vs_{other}"] = _median_ms[(device.type, other)] / ms
         if "speedup_vs_python_loop" in row:
             print(f"\nema_update_ {device.type}: rca_fast {ms * 1e3:.1f} us, "
                   f"{row['speedup_vs_python_loop']:.1f}x the Python loop")

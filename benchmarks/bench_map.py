@@ -18,7 +18,6 @@ TFLOP/s, the fraction of the measured copy bandwidth and roofline, and for rca_f
 over the other rows of the same (case, dtype, mode); rows are appended to
 benchmarks/results/bench_map-<device>.json.  On CPU only the eager reference runs, smaller.
 """
-import pytest
 import torch
 
 import harness
@@ -34,8 +33,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ["fwd", "fwd_bwd"]
 TARGET_FRAC_COPY_BW = 0.7   # fwd_bwd, voc case, rca_fast
 ROUNDS = 20
-
-_median_ms = {}  # (device, case, dtype, mode, provider) -> ms
 
 
 def shape_id(case) -> str:
@@ -60,17 +57,9 @@ def make_labels(B: int, L: int, present, device) -> "torch.Tensor | None":
     return labels.to(device)
 
 
-def make_map(provider: str):
-    if provider == "ref":
-        return ref_map
-    if provider == "ref_compiled":
-        return torch.compile(ref_map)
-    from rca_fast.kernels.map.forward import masked_average_pool
-    return masked_average_pool
-
-
-def make_step(fn, case, dtype, mode, device, *, sync: bool):
-    """A closure running one forward (and backward) of ``fn`` on fixed random inputs."""
+def make_step(provider, case, dtype, mode, device):
+    """A closure running one forward (and backward) of ``provider``'s MAP on fixed random inputs."""
+    fn = harness.provider_fn(provider, ref_map, "rca_fast.kernels.map.forward:masked_average_pool")
     B, L, D, H, W, present = case
     g = torch.Generator().manual_seed(0)
     need_grad = mode == "fwd_bwd"
@@ -78,47 +67,21 @@ def make_step(fn, case, dtype, mode, device, *, sync: bool):
     cams = torch.randn(B, L, H, W, generator=g).to(device)            # CAMs stay float32
     labels = make_labels(B, L, present, device)
     grad_emb = torch.randn(B, L, D, generator=g).to(device=device, dtype=dtype)
-
-    def step():
-        emb, _ = fn(features, cams, labels)
-        if need_grad:
-            torch.autograd.grad(emb, features, grad_emb)
-        if sync:   # pytest-benchmark times on the host; harness.time_ms synchronises itself
-            harness.sync(device)
-    return step
+    return harness.forward_backward(lambda: fn(features, cams, labels)[0], need_grad, features, grad_emb)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("case_name", list(GPU_CASES))
+@harness.grid(GPU_CASES, DTYPES, MODES, PROVIDERS)
 def test_map(benchmark, device, case_name, dtype_name, mode, provider):
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    if case_name not in cases:
-        pytest.skip("this case is benchmarked on CUDA only")
-    if device.type != "cuda" and (provider != "ref" or dtype_name != "fp32"):
-        pytest.skip("on CPU only the eager reference in fp32 is benchmarked")
-    case = cases[case_name]
-    dtype = DTYPES[dtype_name]
-    fn = make_map(provider)
-    step = make_step(fn, case, dtype, mode, device, sync=True)
-    timed = make_step(fn, case, dtype, mode, device, sync=False)
-    step()          # compiles (torch.compile, Triton autotuning) outside the timing
-    benchmark.group = f"map-{shape_id(case)}-{dtype_name}-{mode}-{device.type}"
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2, iterations=1)
-    ms = harness.time_ms(timed, device, reps=ROUNDS)
+    case, dtype = harness.pick_case(device, GPU_CASES, CPU_CASES, case_name, provider, DTYPES, dtype_name)
+    _, ms = harness.time_step(benchmark, make_step(provider, case, dtype, mode, device),
+                              f"map-{shape_id(case)}-{dtype_name}-{mode}-{device.type}", device, ROUNDS)
     shape = profile_shape(case)
     nbytes, flops = harness.work("masked_average_pool", shape, dtype, mode, cam_dtype=torch.float32)
     row = {"op": "masked_average_pool", "provider": provider, "shape": shape_id(case),
            "dtype": dtype_name, "mode": mode, "present_pairs": shape.Np, "ms": ms}
-    key = (device.type, case_name, dtype_name, mode)
-    _median_ms[key + (provider,)] = ms
-    if provider == "rca_fast":
-        for other in PROVIDERS[:-1]:   # run before rca_fast in PROVIDERS order
-            if key + (other,) in _median_ms:
-                row[f"speedup_vs_{other}"] = _median_ms[key + (other,)] / ms
-        if mode == "fwd_bwd" and case_name == "voc":
-            row["target_frac_copy_bw"] = TARGET_FRAC_COPY_BW
+    harness.add_speedups(row, ("map", device.type, case_name, dtype_name, mode), provider, PROVIDERS, ms)
+    if provider == "rca_fast" and mode == "fwd_bwd" and case_name == "voc":
+        row["target_frac_copy_bw"] = TARGET_FRAC_COPY_BW
     full = harness.record("bench_map", row, device, nbytes=nbytes, flops=flops, dtype=harness.dtype_name(dtype))
     if "target_frac_copy_bw" in row:
         met = full["frac_copy_bw"] >= TARGET_FRAC_COPY_BW

@@ -19,7 +19,6 @@ TFLOP/s, the fraction of the roofline, the extra device memory, and for rca_fast
 the other rows of the same (case, dtype, mode); rows are appended to
 benchmarks/results/bench_nce-<device>.json.  On CPU only the eager reference runs, on a small case.
 """
-import pytest
 import torch
 
 import harness
@@ -38,8 +37,6 @@ TARGET_ROOFLINE_FACTOR = 2.0
 TARGET_EXTRA_MB = 64.0
 ROUNDS = 20
 
-_median_ms = {}  # (device, case, dtype, mode, provider) -> ms
-
 
 def shape_id(case) -> str:
     N, L, S, D = case
@@ -52,17 +49,9 @@ def profile_shape(case) -> counts.ProfileShape:
     return counts.ProfileShape(shape_id(case), B=N, L=L, S=S, D=D, H=1, W=1, K=1, present=1)
 
 
-def make_nce(provider: str):
-    if provider == "ref":
-        return ref_nce
-    if provider == "ref_compiled":
-        return torch.compile(ref_nce)
-    from rca_fast.kernels.nce.forward import bank_nce_loss
-    return bank_nce_loss
-
-
-def make_step(fn, case, dtype, mode, device, *, sync: bool):
-    """A closure running one forward (and backward) of ``fn`` on fixed random inputs."""
+def make_step(provider, case, dtype, mode, device):
+    """A closure running one forward (and backward) of ``provider``'s NCE on fixed random inputs."""
+    fn = harness.provider_fn(provider, ref_nce, "rca_fast.kernels.nce.forward:bank_nce_loss")
     N, L, S, D = case
     g = torch.Generator().manual_seed(0)
     need_grad = mode == "fwd_bwd"
@@ -71,58 +60,22 @@ def make_step(fn, case, dtype, mode, device, *, sync: bool):
     target = torch.randint(L, (N,), generator=g).to(device)
     mix_target = torch.randint(L, (N,), generator=g).to(device)
     mix_weight = torch.distributions.Beta(8.0, 8.0).sample((N,)).to(device)
-
-    def step():
-        loss = fn(query, bank, target, temperature=0.07, mix_target=mix_target, mix_weight=mix_weight)
-        if need_grad:
-            torch.autograd.grad(loss, query)
-        if sync:   # pytest-benchmark times on the host; harness.time_ms synchronises itself
-            harness.sync(device)
-    return step
+    return harness.forward_backward(
+        lambda: fn(query, bank, target, temperature=0.07, mix_target=mix_target, mix_weight=mix_weight),
+        need_grad, query)
 
 
-def extra_memory_mb(step, device):
-    """Peak device memory one step allocates above what is allocated before it, in MB (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    harness.sync(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    harness.sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("case_name", list(GPU_CASES))
+@harness.grid(GPU_CASES, DTYPES, MODES, PROVIDERS)
 def test_nce(benchmark, device, case_name, dtype_name, mode, provider):
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    if case_name not in cases:
-        pytest.skip("this case is benchmarked on CUDA only")
-    if device.type != "cuda" and (provider != "ref" or dtype_name != "fp32"):
-        pytest.skip("on CPU only the eager reference in fp32 is benchmarked")
-    case = cases[case_name]
-    dtype = DTYPES[dtype_name]
-    fn = make_nce(provider)
-    step = make_step(fn, case, dtype, mode, device, sync=True)
-    timed = make_step(fn, case, dtype, mode, device, sync=False)
-    step()          # compiles (torch.compile, Triton autotuning) outside the timing
-    extra_mb = extra_memory_mb(step, device)
-    benchmark.group = f"nce-{shape_id(case)}-{dtype_name}-{mode}-{device.type}"
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2, iterations=1)
-    ms = harness.time_ms(timed, device, reps=ROUNDS)
+    case, dtype = harness.pick_case(device, GPU_CASES, CPU_CASES, case_name, provider, DTYPES, dtype_name)
+    step, ms = harness.time_step(benchmark, make_step(provider, case, dtype, mode, device),
+                                 f"nce-{shape_id(case)}-{dtype_name}-{mode}-{device.type}", device, ROUNDS)
+    extra_mb = harness.extra_memory_mb(step, device)
     nbytes, flops = harness.work("bank_nce_loss", profile_shape(case), dtype, mode)
     row = {"op": "bank_nce_loss", "provider": provider, "shape": shape_id(case), "case": case_name,
            "dtype": dtype_name, "mode": mode, "mixup": True, "ms": ms, "extra_MB": extra_mb}
-    key = (device.type, case_name, dtype_name, mode)
-    _median_ms[key + (provider,)] = ms
+    harness.add_speedups(row, ("nce", device.type, case_name, dtype_name, mode), provider, PROVIDERS, ms)
     is_target = provider == "rca_fast" and case_name in TARGET_CASES and dtype_name == "bf16" and mode == "fwd"
-    if provider == "rca_fast":
-        for other in PROVIDERS[:-1]:   # run before rca_fast in PROVIDERS order
-            if key + (other,) in _median_ms:
-                row[f"speedup_vs_{other}"] = _median_ms[key + (other,)] / ms
     if is_target:
         row["target_max_roofline_factor"] = TARGET_ROOFLINE_FACTOR
         row["target_extra_MB"] = TARGET_EXTRA_MB

@@ -14,18 +14,22 @@ Triton and CUDA versions and the commit.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import platform
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
+import pytest
 import torch
 
 from rca_fast.profile import ceilings as _ceilings
 from rca_fast.profile import counts
 from rca_fast.profile.timing import Timer, device_name, environment, git_commit, sync
 
-__all__ = ["RESULTS", "sync", "time_ms", "device_name", "git_commit", "ceilings", "work", "record"]
+__all__ = ["RESULTS", "sync", "time_ms", "device_name", "git_commit", "ceilings", "work", "record",
+           "grid", "pick_case", "provider_fn", "forward_backward", "time_step", "add_speedups",
+           "extra_memory_mb"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GPU_BUDGET_MS = 100.0   # on a GPU, at least ``reps`` calls and more up to about this much time
@@ -63,6 +67,92 @@ def work(op: str, shape: counts.ProfileShape, dtype: torch.dtype, mode: str, **k
         b, f = counts.work(op, "bwd", shape, dtype, **kwargs)
         nbytes, flops = nbytes + b, flops + f
     return nbytes, flops
+
+
+def grid(cases, dtypes, modes: Sequence[str], providers: Sequence[str]):
+    """The op benchmarks' parametrization: every (case_name, dtype_name, mode, provider), the
+    provider varying fastest (so rca_fast, listed last, runs after the rows it is compared with)."""
+    def apply(fn):
+        for name, values in (("case_name", list(cases)), ("dtype_name", list(dtypes)), ("mode", list(modes)),
+                             ("provider", list(providers))):
+            fn = pytest.mark.parametrize(name, values)(fn)
+        return fn
+    return apply
+
+
+def provider_fn(provider: str, reference: Callable, kernel: str) -> Callable:
+    """The function a row times: ``ref`` the eager reference, ``ref_compiled`` torch.compile of it,
+    ``rca_fast`` the Triton provider ``kernel`` ("module:function", imported only then)."""
+    if provider == "ref":
+        return reference
+    if provider == "ref_compiled":
+        return torch.compile(reference)
+    module, name = kernel.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def pick_case(device: torch.device, gpu_cases: Mapping, cpu_cases: Mapping, case: Hashable, provider: str,
+              dtypes: Mapping[str, torch.dtype], dtype_name: str):
+    """(case, dtype) of this device's table, or a pytest skip: the CPU runs its own (smaller)
+    cases, and there only the eager reference (``ref``) in fp32."""
+    cases = gpu_cases if device.type == "cuda" else cpu_cases
+    if case not in cases:
+        pytest.skip("this case is benchmarked on CUDA only")
+    if device.type != "cuda" and (provider != "ref" or dtype_name != "fp32"):
+        pytest.skip("on CPU only the eager reference in fp32 is benchmarked")
+    return cases[case], dtypes[dtype_name]
+
+
+def forward_backward(forward: Callable[[], torch.Tensor], backward: bool, inputs,
+                     grad_outputs=None) -> Callable[[], None]:
+    """A step: ``forward()``, then (``backward``) the gradients of its output w.r.t. ``inputs``
+    (``grad_outputs``: the upstream gradient; None for a scalar loss)."""
+    def step():
+        out = forward()
+        if backward:
+            torch.autograd.grad(out, inputs, grad_outputs)
+    return step
+
+
+def time_step(benchmark, timed: Callable[[], object], group: str, device: torch.device,
+              rounds: int) -> Tuple[Callable[[], object], float]:
+    """Run ``timed`` once untimed (torch.compile, Triton autotuning), then time it under
+    pytest-benchmark (host clock: a step that also synchronises the device) and by
+    :func:`time_ms` (the Timer synchronises itself); returns (the synchronising step, median ms)."""
+    def step():
+        timed()
+        sync(device)
+    step()
+    benchmark.group = group
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=2, iterations=1)
+    return step, time_ms(timed, device, reps=rounds)
+
+
+_medians: Dict[tuple, float] = {}   # (key..., provider) -> ms of the rows timed in this run
+
+
+def add_speedups(row: dict, key: tuple, provider: str, providers: Sequence[str], ms: float) -> None:
+    """Remember this row's median; for the last of ``providers`` (rca_fast: parametrized last, so
+    the others of the same ``key`` ran before it) add ``speedup_vs_<other>`` = other's ms / ms."""
+    _medians[tuple(key) + (provider,)] = ms
+    if provider != providers[-1]:
+        return
+    for other in providers[:-1]:
+        if tuple(key) + (other,) in _medians:
+            row[f"speedup_vs_{other}"] = _medians[tuple(key) + (other,)] / ms
+
+
+def extra_memory_mb(step: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak device memory one ``step()`` allocates above what was allocated before it, in MiB
+    (None on the CPU, where torch keeps no such count)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
 def _file_tag(device: torch.device) -> str:
