@@ -41,10 +41,10 @@ setup(
     python_requires=">=3.10",
     packages=["rca_fast", "rca_fast.ops", "rca_fast.ref", "rca_fast.model", "rca_fast.data",
               "rca_fast.kernels", "rca_fast.kernels.map", "rca_fast.kernels.nce",
-              "rca_fast.kernels.attention", "rca_fast.profile", "rca_fast.utils"],
+              "rca_fast.kernels.attention", "rca_fast.profile", "rca_fast.train", "rca_fast.utils"],
     package_dir={"rca_fast.kernels": "kernels"},
     install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm", "pillow"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "ruff"],
                     "plots": ["matplotlib"],
                     # dense CRF of the public gen_labels step (python -m rca_fast.pseudo --refine crf);
                     # C++, built from source; --refine par needs nothing beyond torch

@@ -68,7 +68,7 @@ MUTANTS = [
     ("label-ties-to-class", "rca_fast/utils/metrics.py",
      "return np.where(top > bg_threshold, keys[best] + 1, 0)", "return np.where(top >= bg_threshold, keys[best] + 1, 0)",
      ["tests/test_infer_evaluate.py", "-k", "cam_sweep"]),
-    ("train-eval-no-flip", "rca_fast/train.py",
+    ("train-eval-no-flip", "rca_fast/train/__init__.py",
      "cams, _ = multiscale_cams(self.model, images, scales=scales, flip=True, out_size=out_size)",
      "cams, _ = multiscale_cams(self.model, images, scales=scales, flip=False, out_size=out_size)",
      ["tests/test_train.py", "-k", "synthetic_smoke"]),

@@ -25,6 +25,8 @@ gather of ``MemoryBank.update`` (checked every ``--check-bank-every`` steps), on
 ``--amp``: bf16 autocast of the forward; ``--compile``: torch.compile of the model.
 
 Importable: ``rca_fast.train.main(argv) -> metrics dict``; :class:`Trainer` holds the parts.
+This package is the training layer (shared by the programs: the profiler's step mode and the
+method check build a Trainer); the program is ``rca_fast/train/__main__.py``.
 """
 from __future__ import annotations
 
@@ -44,21 +46,20 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import distributed
-from .data import (SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation, find_mask_dir,
+from .. import distributed
+from ..data import (SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation, find_mask_dir,
                    synthetic_class_names, COCO_CLASSES, VOC_CLASSES)
-from .data.collate import collate
-from .model.config import build_model, kaiming_init_, model_config
-from .model.losses import rca_loss
-from .utils.cams import multiscale_cams, normalise_cams, parse_scales
-from .utils.att_maps import AttentionMaps
-from .utils.checkpoint import (LATEST_NAME, capture_rng_state, latest_checkpoint, load_checkpoint,
+from ..data.collate import collate
+from ..model.config import build_model, kaiming_init_, model_config
+from ..model.losses import rca_loss
+from ..utils.cams import multiscale_cams, normalise_cams, parse_scales
+from ..utils.att_maps import AttentionMaps
+from ..utils.checkpoint import (LATEST_NAME, capture_rng_state, latest_checkpoint, load_checkpoint,
                                load_model_state, restore_rng_state, save_checkpoint)
-from .utils.logs import get_logger
-from .utils.metrics import CamSweepMeter, format_iou_table
-from .utils.program import run_program
-from .utils.threads import cpu_threads
-from .utils.train_args import parse_args
+from ..utils.logs import get_logger
+from ..utils.metrics import CamSweepMeter, format_iou_table
+from ..utils.threads import cpu_threads
+from ..utils.train_args import parse_args
 
 LOSS_KEYS = ("loss", "cls", "coarse_cls", "contrast")
 
@@ -508,7 +509,3 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     finally:
         torch.set_num_threads(threads)  # --threads may change it; leave callers as they were
 
-
-if __name__ == "__main__":
-    # 130: the shell's code for a run ended by SIGINT
-    run_program(main, [(TrainingInterrupted, 130, "stopped"), (FloatingPointError, 1, "error")])
