@@ -101,7 +101,8 @@ def make_step(fn, case, dtype, mode, device):
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case_index", [0, 1], ids=["P200", "P2048"])
 def test_attention(benchmark, device, case_index, dtype_name, mode, provider):
-    case, dtype = harness.pick_case(device, dict(enumerate(GPU_CASES)), dict(enumerate(CPU_CASES)), case_index,
+    case, dtype = harness.pick_case(device, dict(enumerate(GPU_CASES)), dict(enumerate(CPU_CASES)),
+                                    case_index,
                                     provider, DTYPES, dtype_name)
     fn = make_attention(provider, case[0], case[1])
     step = make_step(fn, case, dtype, mode, device)
@@ -118,7 +119,9 @@ def test_attention(benchmark, device, case_index, dtype_name, mode, provider):
     harness.add_speedups(row, ("attention", device.type, shape_id(case), dtype_name, mode), provider,
                          PROVIDERS, ms)
     if provider == "rca_fast":
-        ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
+        ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k,
+                           v in row.items() if k.startswith("speedup_vs_"))
         print(f"\nprototype_attention {shape_id(case)} {dtype_name} {mode}: rca_fast {ms:.3f} ms; "
               f"speed-up over {ratios or 'nothing timed in this run'} (target: > 1x sdpa_efficient)")
-    harness.record("bench_attention", row, device, nbytes=nbytes, flops=flops, dtype=harness.dtype_name(dtype))
+    harness.record("bench_attention", row, device, nbytes=nbytes, flops=flops,
+                   dtype=harness.dtype_name(dtype))

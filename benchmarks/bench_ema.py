@@ -11,7 +11,8 @@ touched rows are read and written).  Rows:
 
 Target (issue 5): GPU >= 10x the Python loop.  Bytes and FLOPs: ``rca_fast.profile.counts.ema_fwd``
 (the project's one cost model: each row reads and writes one bank row and reads one embedding row
-and its class; the ring pointers are read and written).  Run: ``pytest benchmarks/bench_ema.py --benchmark-only -s``; rows go to
+and its class; the ring pointers are read and written).  Run: ``pytest benchmarks/bench_ema.py
+--benchmark-only -s``; rows go to
 benchmarks/results/bench_ema-<device>.json.
 """
 import importlib

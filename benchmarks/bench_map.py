@@ -82,7 +82,8 @@ def test_map(benchmark, device, case_name, dtype_name, mode, provider):
     harness.add_speedups(row, ("map", device.type, case_name, dtype_name, mode), provider, PROVIDERS, ms)
     if provider == "rca_fast" and mode == "fwd_bwd" and case_name == "voc":
         row["target_frac_copy_bw"] = TARGET_FRAC_COPY_BW
-    full = harness.record("bench_map", row, device, nbytes=nbytes, flops=flops, dtype=harness.dtype_name(dtype))
+    full = harness.record("bench_map", row, device, nbytes=nbytes, flops=flops,
+                          dtype=harness.dtype_name(dtype))
     if "target_frac_copy_bw" in row:
         met = full["frac_copy_bw"] >= TARGET_FRAC_COPY_BW
         print(f"\nmasked_average_pool {shape_id(case)} {dtype_name} fwd+bwd: rca_fast {ms * 1e3:.1f} us, "

@@ -75,14 +75,17 @@ def test_nce(benchmark, device, case_name, dtype_name, mode, provider):
     row = {"op": "bank_nce_loss", "provider": provider, "shape": shape_id(case), "case": case_name,
            "dtype": dtype_name, "mode": mode, "mixup": True, "ms": ms, "extra_MB": extra_mb}
     harness.add_speedups(row, ("nce", device.type, case_name, dtype_name, mode), provider, PROVIDERS, ms)
-    is_target = provider == "rca_fast" and case_name in TARGET_CASES and dtype_name == "bf16" and mode == "fwd"
+    is_target = (provider == "rca_fast" and case_name in TARGET_CASES and dtype_name == "bf16"
+                 and mode == "fwd")
     if is_target:
         row["target_max_roofline_factor"] = TARGET_ROOFLINE_FACTOR
         row["target_extra_MB"] = TARGET_EXTRA_MB
-    full = harness.record("bench_nce", row, device, nbytes=nbytes, flops=flops, dtype=harness.dtype_name(dtype))
+    full = harness.record("bench_nce", row, device, nbytes=nbytes, flops=flops,
+                          dtype=harness.dtype_name(dtype))
     if is_target:
         roofline = full["roofline_ms"]
         met = ms <= TARGET_ROOFLINE_FACTOR * roofline and extra_mb < TARGET_EXTRA_MB
-        print(f"\nbank_nce_loss {shape_id(case)} bf16 fwd: rca_fast {ms:.3f} ms = {ms / roofline:.2f}x roofline "
+        print(f"\nbank_nce_loss {shape_id(case)} bf16 fwd: rca_fast {ms:.3f} ms = {ms / roofline:.2f}x "
+              "roofline "
               f"({roofline:.3f} ms), extra memory {extra_mb:.1f} MB (target <= {TARGET_ROOFLINE_FACTOR}x, "
               f"< {TARGET_EXTRA_MB:.0f} MB: {'met' if met else 'NOT met'})")

@@ -23,8 +23,7 @@ from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple
 import pytest
 import torch
 
-from rca_fast.profile import ceilings as _ceilings
-from rca_fast.profile import counts
+from rca_fast.profile import ceilings as _ceilings, counts
 from rca_fast.profile.timing import Timer, device_name, environment, git_commit, sync
 
 __all__ = ["RESULTS", "sync", "time_ms", "device_name", "git_commit", "ceilings", "work", "record",

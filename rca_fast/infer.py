@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("synthetic", "voc", "coco"), default=None,
                    help="default: the checkpoint's training dataset")
     p.add_argument("--data-root", default=None, help="VOC/COCO folder (default: the checkpoint's)")
-    p.add_argument("--img_dir", "--img-dir", dest="img_dir", default=None, help="default: DATA_ROOT/JPEGImages")
+    p.add_argument("--img_dir", "--img-dir", dest="img_dir", default=None,
+                   help="default: DATA_ROOT/JPEGImages")
     p.add_argument("--list", default=None, help="images to process: 'name c c ...' or bare names "
                    "(synthetic: optional subset of the generated split)")
     p.add_argument("--cls-labels", default=None, help="IRN cls_labels.npy for a list of bare names")
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per forward for same-size images (synthetic); real images go one by one")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, fixed by the machine)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0 = torch's default, fixed by the machine)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -84,7 +86,8 @@ def _dataset(args, train_args: dict, num_classes: int):
             known = {name: i for i, name in enumerate(ds.names)}
             missing = [n for n in wanted if n not in known]
             if missing:
-                raise ValueError(f"{args.list}: {missing[0]} is not an image of the synthetic {args.split} split "
+                raise ValueError(f"{args.list}: {missing[0]} is not an image of the synthetic {args.split} "
+                                 "split "
                                  f"({len(ds)} images)")
             return torch.utils.data.Subset(ds, [known[n] for n in wanted]), ds
         return ds, ds

@@ -134,7 +134,8 @@ def pretrain(args: argparse.Namespace) -> Dict:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     summary = pretrain(parse_args(argv))
     last = summary["history"][-1]
-    print(f"pretrained tiny backbone: loss {last['loss']:.4f}, exact-match accuracy {last['exact_match']:.3f} "
+    print(f"pretrained tiny backbone: loss {last['loss']:.4f}, exact-match accuracy "
+          f"{last['exact_match']:.3f} "
           f"(train images) in {summary['seconds']:.0f}s -> {summary['weights']}")
     return summary
 

@@ -58,15 +58,18 @@ MUTANTS = [
      "peak = cams.flatten(1).amax(dim=1).clamp_min(0)[..., None, None, None]",
      ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop or normalise_cams"]),
     ("infer-margin-doubled", "rca_fast/infer.py",
-     "- args.bg_threshold) < args.ignore_margin] = 255", "- args.bg_threshold) < 2 * args.ignore_margin] = 255",
+     "- args.bg_threshold) < args.ignore_margin] = 255",
+     "- args.bg_threshold) < 2 * args.ignore_margin] = 255",
      ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
     ("infer-margin-one-side", "rca_fast/infer.py",
      "label[np.abs(cams.max(axis=0) - args.bg_threshold) < args.ignore_margin] = 255",
-     "label[(cams.max(axis=0) - args.bg_threshold < args.ignore_margin) & (cams.max(axis=0) > args.bg_threshold)]"
+     "label[(cams.max(axis=0) - args.bg_threshold < args.ignore_margin) & (cams.max(axis=0) > "
+     "args.bg_threshold)]"
      " = 255",
      ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
     ("label-ties-to-class", "rca_fast/utils/metrics.py",
-     "return np.where(top > bg_threshold, keys[best] + 1, 0)", "return np.where(top >= bg_threshold, keys[best] + 1, 0)",
+     "return np.where(top > bg_threshold, keys[best] + 1, 0)",
+     "return np.where(top >= bg_threshold, keys[best] + 1, 0)",
      ["tests/test_infer_evaluate.py", "-k", "cam_sweep"]),
     ("train-eval-no-flip", "rca_fast/train/__init__.py",
      "cams, _ = multiscale_cams(self.model, images, scales=scales, flip=True, out_size=out_size)",
@@ -93,7 +96,8 @@ MUTANTS = [
      "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = tol * x.var(1, unbiased=False).sum(-1)",
      ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
     ("kmeans-tol-1000x", "rca_fast/ref/kmeans.py",
-     "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = 1000 * tol * x.var(1, unbiased=False).mean(-1)",
+     "tol_abs = tol * x.var(1, unbiased=False).mean(-1)",
+     "tol_abs = 1000 * tol * x.var(1, unbiased=False).mean(-1)",
      ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
     ("kmeans-no-labels-stop", "rca_fast/ref/kmeans.py",
      "done |= (labels == prev).all(-1)", "pass",
@@ -110,7 +114,8 @@ MUTANTS = [
     # ---------------------------------------------------------------- memory bank / EMA
     ("bank-gather-reverse", "rca_fast/model/memory_bank.py",
      "return (torch.cat([e[:c] for e, c in zip(embs, counts)]),",
-     "embs, tgts, counts = embs[::-1], tgts[::-1], counts[::-1]\n    return (torch.cat([e[:c] for e, c in zip(embs, counts)]),",
+     "embs, tgts, counts = embs[::-1], tgts[::-1], counts[::-1]\n    return (torch.cat([e[:c] for e, c in "
+     "zip(embs, counts)]),",
      ["tests/test_memory_bank.py", "-k", "distributed"]),
     ("bank-threshold-inclusive", "rca_fast/model/memory_bank.py",
      "> self.score_threshold  # strictly above", ">= self.score_threshold",
@@ -133,7 +138,8 @@ MUTANTS = [
      "emb = sums / count.clamp(min=1).unsqueeze(-1).to(acc)", "emb = sums / 1",
      ["tests/test_map.py"]),
     ("map-labels-count-off", "rca_fast/ref/map.py",
-     "vals = (sums / cnt.clamp(min=1).unsqueeze(-1).to(acc))", "vals = (sums / (cnt + 1).unsqueeze(-1).to(acc))",
+     "vals = (sums / cnt.clamp(min=1).unsqueeze(-1).to(acc))",
+     "vals = (sums / (cnt + 1).unsqueeze(-1).to(acc))",
      ["tests/test_map.py"]),
     # ---------------------------------------------------------------- bank NCE (ref)
     ("nce-no-temperature", "rca_fast/ref/nce.py",
@@ -147,7 +153,8 @@ MUTANTS = [
      "neg_lse = class_lse.logsumexp(-1)",
      ["tests/test_nce.py"]),
     ("nce-no-slot-norm", "rca_fast/ref/nce.py",
-     "inv_norm = m.norm(dim=-1).clamp(min=EPS).reciprocal()", "inv_norm = m.norm(dim=-1).clamp(min=EPS) * 0 + 1",
+     "inv_norm = m.norm(dim=-1).clamp(min=EPS).reciprocal()",
+     "inv_norm = m.norm(dim=-1).clamp(min=EPS) * 0 + 1",
      ["tests/test_nce.py"]),
     # ---------------------------------------------------------------- prototype attention (ref)
     ("attn-scale-ignored", "rca_fast/ref/attention.py",
@@ -209,8 +216,8 @@ def scratch_copy(dest: str, rev=None) -> None:
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
     else:
-        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                               check=True, capture_output=True).stdout.decode().split("\0")
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                               cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
         for rel in filter(None, files):
             src = os.path.join(ROOT, rel)
             if not os.path.isfile(src):  # deleted in the working tree
@@ -232,7 +239,8 @@ def scratch_env(dest: str) -> dict:
 
 def check_imports(dest: str) -> None:
     """The scratch copy's code, not the editable install's, must be what the tests import."""
-    code = ("import importlib, rca_fast, rca_fast.kernels; k = importlib.import_module('rca_fast.ref.kmeans'); "
+    code = ("import importlib, rca_fast, rca_fast.kernels; k = "
+            "importlib.import_module('rca_fast.ref.kmeans'); "
             "print(rca_fast.__file__); print(rca_fast.kernels.__file__); print(k.__file__)")
     res = subprocess.run([sys.executable, "-c", code], cwd=dest, env=scratch_env(dest), capture_output=True,
                          text=True)
@@ -269,12 +277,14 @@ def run_tests(dest: str, args, timeout: float) -> tuple:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-k", action="append", default=[], help="run the mutants whose id contains this (repeatable)")
+    p.add_argument("-k", action="append", default=[],
+                   help="run the mutants whose id contains this (repeatable)")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--clean", action="store_true", help="first run each distinct test selection unmutated")
     p.add_argument("--timeout", type=float, default=900, help="seconds per mutant")
     p.add_argument("--keep", default=None, help="scratch folder to use and keep (default: a temporary one)")
-    p.add_argument("--ext", action="store_true", help="also run the csrc/ mutants (one extension rebuild each)")
+    p.add_argument("--ext", action="store_true",
+                   help="also run the csrc/ mutants (one extension rebuild each)")
     p.add_argument("--rev", default=None, help="copy this commit (e.g. HEAD) instead of the working tree")
     a = p.parse_args(argv)
     chosen = [m for m in MUTANTS if not a.k or any(w in m[0] for w in a.k)]

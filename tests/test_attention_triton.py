@@ -204,13 +204,15 @@ def test_compile_fullgraph_forward_and_backward(gen):
 
 
 # --------------------------------------------------------------------------------------- GPU sizes
-GPU_SHAPES = [(8, 2116, 200, 512, 512), (2, 1023, 2048, 512, 256), (3, 97, 37, 60, 44), (1, 300, 130, 520, 72)]
+GPU_SHAPES = [(8, 2116, 200, 512, 512), (2, 1023, 2048, 512, 256), (3, 97, 37, 60, 44),
+              (1, 300, 130, 520, 72)]
 GPU_SHAPE_IDS = ["B8-HW46x46-P200-D512-Dv512", "B2-HW31x33-P2048-D512-Dv256", "B3-N97-P37-D60-Dv44",
                  "B1-N300-P130-D520-Dv72"]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=GPU_SHAPE_IDS)
 def test_gpu_error_within_twice_ref(shape, dtype, gen, triton_backend):
     q, k, v, g = make_inputs(*shape, gen, dtype)

@@ -106,7 +106,8 @@ def test_kernels_are_grouped_by_op():
     """kernels/ holds one folder per op (forward, backward, tiles) and, beside them, only the shared
     launch / maths / compile-check helpers: no op's file at the top level."""
     top = {n for n in os.listdir(KERNELS) if n.endswith(".py")}
-    assert top <= SHARED_KERNEL_HELPERS, f"op files at the top of kernels/: {sorted(top - SHARED_KERNEL_HELPERS)}"
+    assert top <= SHARED_KERNEL_HELPERS, \
+        f"op files at the top of kernels/: {sorted(top - SHARED_KERNEL_HELPERS)}"
     for op in ("map", "nce", "attention"):
         files = set(os.listdir(os.path.join(KERNELS, op)))
         assert {"__init__.py", "forward.py", "backward.py", "tiles.py"} <= files, (op, sorted(files))
@@ -161,7 +162,8 @@ def benchmark_programs():
     """{module: (path, package)} of benchmarks/*.py: each one a program (harness and conftest are
     their shared helpers)."""
     return {f"benchmarks.{n[:-3]}": (os.path.join(BENCHMARKS, n), "benchmarks")
-            for n in sorted(os.listdir(BENCHMARKS)) if n.endswith(".py") and n not in ("harness.py", "conftest.py")}
+            for n in sorted(os.listdir(BENCHMARKS)) if n.endswith(".py") and n not in ("harness.py",
+                                                                                       "conftest.py")}
 
 
 def imports_of(module, files):
@@ -174,7 +176,8 @@ def has_main_guard(path):
     with open(path) as f:
         tree = ast.parse(f.read(), filename=path)
     for node in tree.body:
-        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test):
+        test = ast.unparse(node.test) if isinstance(node, ast.If) else ""
+        if "__main__" in test and "__name__" in test:
             return True
     return False
 
@@ -184,7 +187,8 @@ def test_program_list_is_complete():
     the rule below cannot miss a new one; every listed module exists."""
     files = package_modules()
     runnable = {m for m, (p, _) in files.items() if p.endswith("__main__.py") or has_main_guard(p)}
-    assert runnable <= PROGRAM_MODULES, f"programs missing from PROGRAMS: {sorted(runnable - PROGRAM_MODULES)}"
+    missing = sorted(runnable - PROGRAM_MODULES)
+    assert not missing, f"programs missing from PROGRAMS: {missing}"
     assert PROGRAM_MODULES <= set(files), sorted(PROGRAM_MODULES - set(files))
 
 

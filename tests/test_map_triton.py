@@ -209,7 +209,8 @@ GPU_CANDIDATES = _gpu_candidates()
 
 @pytest.mark.skipif(DEV == "cuda", reason="on a GPU the autotuner runs every candidate itself")
 @pytest.mark.parametrize("kind, slots, fp64, config", GPU_CANDIDATES, ids=[
-    f"{k}-S{s}-{'f64' if f else 'f32'}-" + "-".join(f"{n}{v}" for n, v in c.kwargs.items()) + f"-w{c.num_warps}"
+    f"{k}-S{s}-{'f64' if f else 'f32'}-" + "-".join(f"{n}{v}" for n,
+                                                    v in c.kwargs.items()) + f"-w{c.num_warps}"
     for k, s, f, c in GPU_CANDIDATES])
 def test_gpu_configs_in_interpreter(kind, slots, fp64, config, gen):
     """The GPU's tile sizes (wider than the interpreter's) on a shape with ragged tails:
@@ -321,7 +322,8 @@ def test_gpu_default_backend_is_triton_and_matches_the_loop(gen):
     emb, count = ops.masked_average_pool(features.cuda(), cams.cuda(), labels.cuda())
     want_emb, want_count = oracles.masked_average_pool(features, cams, labels)
     assert torch.equal(count.cpu(), want_count)
-    torch.testing.assert_close(emb.cpu().double(), want_emb, rtol=1e-5, atol=1e-6 * float(want_emb.abs().max()))
+    torch.testing.assert_close(emb.cpu().double(), want_emb, rtol=1e-5,
+                               atol=1e-6 * float(want_emb.abs().max()))
 
 
 @pytest.mark.gpu

@@ -96,7 +96,8 @@ def test_mixup_temperature_forward_and_grad(temperature, mix, gen):
     query, bank, target, kwargs = make_inputs(N, L, S, D, torch.float32, torch.float32, mix, gen)
     upstream = torch.randn(N, generator=gen)
     rows, grad = triton_rows_and_grad(query, bank, target, kwargs, upstream, temperature)
-    want_rows = oracles.bank_nce_loss(query, bank, target, temperature=temperature, reduction="none", **kwargs)
+    want_rows = oracles.bank_nce_loss(query, bank, target, temperature=temperature, reduction="none",
+                                      **kwargs)
     _, want_grad = float64_reference(query, bank, target, kwargs, upstream, temperature)
     torch.testing.assert_close(rows.double(), want_rows, rtol=2e-6, atol=2e-6)
     assert_grad_close(grad, want_grad, torch.float32)
@@ -140,7 +141,8 @@ def extreme_draw(temperature, gen):
     q32 = query.clone().requires_grad_(True)
     ref_rows = ref_nce(q32, bank, target, temperature=temperature, reduction="none", **kwargs)
     (ref_grad,) = torch.autograd.grad((ref_rows * upstream).sum(), q32)
-    return ((grad.double() - want_grad).abs().max().item(), (ref_grad.double() - want_grad).abs().max().item(),
+    return ((grad.double() - want_grad).abs().max().item(),
+            (ref_grad.double() - want_grad).abs().max().item(),
             want_grad.abs().max().item())
 
 
@@ -222,7 +224,8 @@ def test_opcheck_custom_ops(gen):
     mix_target = torch.randint(2, (3,), generator=gen)
     weights = torch.rand(3, generator=gen)
     query.requires_grad_(True)
-    torch.library.opcheck(torch.ops.rca_fast.nce_fwd.default, (query, bank, target, mix_target, weights, 0.07),
+    torch.library.opcheck(torch.ops.rca_fast.nce_fwd.default,
+                          (query, bank, target, mix_target, weights, 0.07),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     rows, stats = torch.ops.rca_fast.nce_fwd(query.detach(), bank, target, None, None, 0.5)
     torch.library.opcheck(torch.ops.rca_fast.nce_bwd.default,
@@ -298,7 +301,8 @@ def test_gpu_extreme_and_single_class(gen):
     bank[target] = query[:, None, :] * (1 + torch.rand(N, S, 1, generator=gen))  # s = +1/tau
     query, bank, target = query.to(dev), bank.to(dev), target.to(dev)
     for temperature in (0.07, 0.01):
-        assert_gpu_error_within_twice_reference(query, bank, target, {}, torch.ones(N, device=dev), temperature)
+        assert_gpu_error_within_twice_reference(query, bank, target, {}, torch.ones(N, device=dev),
+                                                temperature)
     q = query.clone().requires_grad_(True)
     rows = nce.bank_nce_loss(q, bank[:1].contiguous(), torch.zeros(N, dtype=torch.long, device=dev),
                              reduction="none")

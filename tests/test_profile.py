@@ -196,6 +196,7 @@ def test_step_attribution_charges_backward_to_the_forward_part():
     """A conv 'backbone' and a linear 'coarse_head': the convolution's backward is charged to the
     backbone, the matmul's backward to the CAM heads, the forward ops to their own parts."""
     from torch.profiler import ProfilerActivity, profile
+
     from rca_fast.profile.step_mode import Labels, split_events
 
     class Tiny(torch.nn.Module):
@@ -281,7 +282,8 @@ def test_cpu_rows_stay_under_their_ceilings(tmp_path, gen):
     probed = {tuple(p["gemm"]) for p in doc["ceiling_probes"] if p["key"] == "fp32_TFLOPs"}
     assert (1, 2 * 11 * 13, 48, 3 * 4) in probed        # attention's scores: (B*HW, D) @ (D, L*K)
     for r in doc["rows"]:
-        where = f"{r['op']}.{r['direction']} [{r['backend']}]: {r['ms']:.4g} ms, roof {r['roofline_ms']:.4g} ms"
+        where = (f"{r['op']}.{r['direction']} [{r['backend']}]: {r['ms']:.4g} ms, "
+                 f"roof {r['roofline_ms']:.4g} ms")
         assert r["above_ceiling"] == (r["roofline_ms"] > r["ms"]), where
         assert r["roofline_ms"] <= 1.25 * r["min_ms"], where
 
@@ -316,7 +318,8 @@ def test_cpu_profile_prints_no_torch_log_screens(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "No CUDA runtime" not in output, output
-    assert "_dynamo" not in output and "Graph break from" not in output.replace("(Graph break from", ""), output
+    assert "_dynamo" not in output and "Graph break from" not in output.replace("(Graph break from",
+                                                                                ""), output
     rows = [line for line in proc.stdout.splitlines() if line.startswith("B2-L3")]
     assert len(rows) == 4, output                    # map fwd/bwd x torch/compile: the table is there
     notes = [line for line in output.splitlines() if line.startswith("note:")]

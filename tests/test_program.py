@@ -15,7 +15,8 @@ def raising(exc):
     return main
 
 
-@pytest.mark.parametrize("exc", [ValueError("--lr must be > 0, got -1"), FileNotFoundError("list.txt not found")])
+@pytest.mark.parametrize("exc",
+                         [ValueError("--lr must be > 0, got -1"), FileNotFoundError("list.txt not found")])
 def test_usage_errors_exit_2_with_one_line(capsys, exc):
     with pytest.raises(SystemExit) as info:
         run_program(raising(exc))

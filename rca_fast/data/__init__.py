@@ -2,11 +2,23 @@
 from .collate import collate
 from .synthetic import SyntheticShapes, class_names as synthetic_class_names, export_voc
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, normalize_image, resize_long
-from .voc import (COCO_CLASSES, VOC_CLASSES, DataFileError, VOCClassification, VOCSegmentation,
-                  find_image, find_mask_dir, load_cls_labels, load_image, load_mask, read_class_list,
-                  write_class_list)
+from .voc import (
+    COCO_CLASSES,
+    VOC_CLASSES,
+    DataFileError,
+    VOCClassification,
+    VOCSegmentation,
+    find_image,
+    find_mask_dir,
+    load_cls_labels,
+    load_image,
+    load_mask,
+    read_class_list,
+    write_class_list,
+)
 
-__all__ = ["collate", "SyntheticShapes", "synthetic_class_names", "export_voc", "IMAGENET_MEAN", "IMAGENET_STD",
+__all__ = ["collate", "SyntheticShapes", "synthetic_class_names", "export_voc", "IMAGENET_MEAN",
+           "IMAGENET_STD",
            "TrainTransform", "normalize_image", "resize_long", "COCO_CLASSES", "VOC_CLASSES",
            "DataFileError", "VOCClassification", "VOCSegmentation", "find_image", "find_mask_dir",
            "load_cls_labels", "load_image", "load_mask", "read_class_list", "write_class_list"]

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .synthetic import class_names, export_voc
 from ..utils.program import run_program
+from .synthetic import class_names, export_voc
 from .voc import DataFileError, find_mask_dir, read_class_list, write_class_list
 
 

@@ -12,7 +12,8 @@ from torch import nn
 from .. import ops
 
 AGGREGATIONS = ("softmax", "linear", "none")
-ATTENTION_SCALES = ("sqrt", "one", "learned")  # softmax temperature: 1/sqrt(D), 1, a learned scalar (init 1/sqrt(D))
+# softmax temperature: 1/sqrt(D), 1, a learned scalar (init 1/sqrt(D))
+ATTENTION_SCALES = ("sqrt", "one", "learned")
 
 
 class CAMHead(nn.Module):
@@ -129,7 +130,8 @@ class PrototypeAggregation(nn.Module):
             return features
         B, D, h, w = features.shape
         if prototypes.dim() != 3 or prototypes.shape[-1] != D:
-            raise ValueError(f"PrototypeAggregation: prototypes must be (L, K, {D}), got {tuple(prototypes.shape)}")
+            raise ValueError(f"PrototypeAggregation: prototypes must be (L, K, {D}), got "
+                             f"{tuple(prototypes.shape)}")
         protos = prototypes.detach().reshape(-1, D).to(features.dtype)        # (P = L*K, D)
         key, value = self.key(protos), self.value(protos)
         query = self.query(features).flatten(2).transpose(1, 2)                # (B, hw, D)

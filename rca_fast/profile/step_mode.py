@@ -269,6 +269,7 @@ def run(args, rest: List[str]) -> dict:
     """Build the trainer from ``rest`` (trainer flags), profile ``args.steps`` steps; the document."""
     from torch.profiler import ProfilerActivity, profile
     from tqdm.auto import tqdm
+
     from rca_fast.train import Trainer
     from rca_fast.utils.train_args import parse_args
     if args.steps < 1 or args.warmup_steps < 0:

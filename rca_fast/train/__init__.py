@@ -47,15 +47,30 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .. import distributed
-from ..data import (SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation, find_mask_dir,
-                   synthetic_class_names, COCO_CLASSES, VOC_CLASSES)
+from ..data import (
+    COCO_CLASSES,
+    VOC_CLASSES,
+    SyntheticShapes,
+    TrainTransform,
+    VOCClassification,
+    VOCSegmentation,
+    find_mask_dir,
+    synthetic_class_names,
+)
 from ..data.collate import collate
 from ..model.config import build_model, kaiming_init_, model_config
 from ..model.losses import rca_loss
-from ..utils.cams import multiscale_cams, normalise_cams, parse_scales
 from ..utils.att_maps import AttentionMaps
-from ..utils.checkpoint import (LATEST_NAME, capture_rng_state, latest_checkpoint, load_checkpoint,
-                               load_model_state, restore_rng_state, save_checkpoint)
+from ..utils.cams import multiscale_cams, normalise_cams, parse_scales
+from ..utils.checkpoint import (
+    LATEST_NAME,
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    restore_rng_state,
+    save_checkpoint,
+)
 from ..utils.logs import get_logger
 from ..utils.metrics import CamSweepMeter, format_iou_table
 from ..utils.threads import cpu_threads
@@ -159,7 +174,8 @@ class Trainer:
             # broadcast_buffers=False: the bank is kept identical by MemoryBank.update's rank-ordered
             # gather (checked by --check-bank-every), so re-broadcasting L*S*D every forward is waste.
             # find_unused_parameters: before the contrast term starts the projector gets no gradient.
-            self.forward_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            self.forward_model = DDP(self.model,
+                                     device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                      broadcast_buffers=False, find_unused_parameters=True)
         if args.compile:
             self.forward_model = torch.compile(self.forward_model, backend=args.compile_backend)
@@ -197,7 +213,8 @@ class Trainer:
         if self.att_maps is not None and state.get("att_maps"):
             self.att_maps.load_state_dict(state["att_maps"])
         elif self.att_maps is not None and self.epoch >= self.att_maps.start_epoch:
-            self.log.warning(f"--att_dir: {path} was trained without --att_dir through epoch {self.epoch}: the "
+            self.log.warning(f"--att_dir: {path} was trained without --att_dir through epoch {self.epoch}: "
+                             "the "
                              f"maps hold only the epochs from here on, not the maximum since epoch "
                              f"{self.att_maps.start_epoch}")
         self.last_saved_step = self.step
@@ -212,13 +229,16 @@ class Trainer:
                              f"continued run are fresh, so it is not bit-identical to an uninterrupted one")
         sampler = state.get("sampler") or {}
         if not self.epoch_done and sampler.get("world_size", self.world) != self.world:
-            self.log.warning(f"{path} stopped mid-epoch with {sampler.get('world_size')} processes, resumed with "
+            self.log.warning(f"{path} stopped mid-epoch with {sampler.get('world_size')} processes, resumed "
+                             "with "
                              f"{self.world}: the rest of epoch {self.epoch} is skipped by batch count only")
-        self.log.info(f"resumed from {path}: epoch {self.epoch} ({'done' if self.epoch_done else 'partial'}), "
+        self.log.info(f"resumed from {path}: epoch {self.epoch} "
+                      f"({'done' if self.epoch_done else 'partial'}), "
                       f"step {self.step}")
 
     def save(self, extra: Optional[Dict] = None, rng: Optional[Dict] = None) -> Optional[str]:
-        """Checkpoint (collective under torch.distributed: every rank's RNG state is gathered; rank 0 writes)."""
+        """Checkpoint (collective under torch.distributed: every rank's RNG state is gathered; rank 0
+        writes)."""
         rng = rng if rng is not None else capture_rng_state()
         per_rank = None
         if self.world > 1:
@@ -230,20 +250,23 @@ class Trainer:
         if not self.is_main:
             return None
         path = os.path.join(self.args.out, LATEST_NAME)
-        scheduler = {"kind": "step-per-epoch", "base_lr": self.args.lr, "decay_points": self.args.decay_points_list,
+        scheduler = {"kind": "step-per-epoch", "base_lr": self.args.lr,
+                     "decay_points": self.args.decay_points_list,
                      "lr_factor": self.lr_factor(max(self.epoch, 1))}
         sampler = {"kind": "DistributedSampler", "seed": self.args.seed, "epoch": self.epoch, "shuffle": True,
                    "drop_last": True, "batch_in_epoch": self.batch_in_epoch, "world_size": self.world}
         return save_checkpoint(path, model=self.model, optimizer=self.optimizer, epoch=self.epoch,
                                step=self.step, epoch_done=self.epoch_done, batch_in_epoch=self.batch_in_epoch,
                                model_config=self.config, args=vars(self.args), keep=self.args.keep,
-                               extra=dict(seconds=self.seconds, class_names=self.class_names, scheduler=scheduler,
+                               extra=dict(seconds=self.seconds, class_names=self.class_names,
+                                          scheduler=scheduler,
                                           sampler=sampler, rng=rng, rng_per_rank=per_rank,
                                           att_maps=self.att_maps.state_dict() if self.att_maps else None,
                                           **(extra or {})))
 
     def request_stop(self, signum=None, frame=None) -> None:
-        """SIGINT/SIGTERM handler: finish the current step, checkpoint, stop.  A second signal stops at once."""
+        """SIGINT/SIGTERM handler: finish the current step, checkpoint, stop.  A second signal stops at
+        once."""
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
@@ -290,7 +313,8 @@ class Trainer:
         # 0/1 checked here on the loader's host tensor: RCAModel checks non-bool labels itself, which
         # reads them back from the device (a host sync per step); it gets them as bool instead
         if not bool(((tags == 0) | (tags == 1)).all()):
-            raise ValueError(f"batch labels must be 0/1 multi-hot, got values {sorted(set(tags.flatten().tolist()))}")
+            raise ValueError("batch labels must be 0/1 multi-hot, got values "
+                             f"{sorted(set(tags.flatten().tolist()))}")
         labels = tags.to(self.device, non_blocking=True).float()
         # without contrast and aggregation no bank row is used: no labels, no region pooling
         present = (labels != 0) if self.uses_bank else None
@@ -361,7 +385,8 @@ class Trainer:
             # start computed (restored with the model).  Warm start: one fixed seed (the first fit).
             seed = self.args.seed if self.args.kmeans_warm_start else self.args.seed * 1000 + epoch
             self.model.refresh_prototypes(seed=seed, n_init=self.args.kmeans_n_init)
-            if getattr(self.args, "aggregation_zero_start", False) and epoch == self.args.aggregation_start_epoch:
+            if getattr(self.args, "aggregation_zero_start",
+                       False) and epoch == self.args.aggregation_start_epoch:
                 # the first k-means prototypes replace the earlier context at once; with the
                 # aggregation's output conv zeroed the fused features do not jump, the context
                 # enters as that conv learns (measured: the jump knocked whole runs back)
@@ -371,7 +396,8 @@ class Trainer:
         rows, count, start = 0, 0, time.time()
         self.epoch, self.epoch_done, self.batch_in_epoch = epoch, False, skip
         total = self.steps_per_epoch()
-        bar = tqdm(self.batches(epoch, skip), total=total, initial=skip, desc=f"epoch {epoch}/{self.args.epoch}",
+        bar = tqdm(self.batches(epoch, skip), total=total, initial=skip,
+                   desc=f"epoch {epoch}/{self.args.epoch}",
                    disable=not (self.args.progress and self.is_main), leave=False, dynamic_ncols=True,
                    mininterval=0.5)
         for batch in bar:
@@ -399,9 +425,11 @@ class Trainer:
         return stats
 
     def fit(self) -> Dict:
-        """Train (Ctrl-C / SIGTERM: checkpoint and :class:`TrainingInterrupted`), evaluate on rank 0, write metrics."""
+        """Train (Ctrl-C / SIGTERM: checkpoint and :class:`TrainingInterrupted`), evaluate on rank 0,
+        write metrics."""
         # SIGTERM too: schedulers (SLURM) and torchrun's shutdown send it before killing a job
-        signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        signals = (signal.SIGINT,
+                   signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {sig: signal.signal(sig, self.request_stop) for sig in signals}
         try:
             return self._fit()
@@ -413,11 +441,13 @@ class Trainer:
     def _fit(self) -> Dict:
         args = self.args
         start = time.time()
-        self.log.info(f"training on {args.dataset} ({len(self.train_set)} images, {args.num_classes} classes) "
+        self.log.info(f"training on {args.dataset} ({len(self.train_set)} images, {args.num_classes} "
+                      "classes) "
                       f"on {self.device}" + (f" x {self.world} processes" if self.world > 1 else "") +
                       f": backbone {args.backbone}, contrast {'on' if args.contrast else 'off'}, "
                       f"mixup {'on' if args.mixup else 'off'}, aggregation {args.aggregation_mode}, "
-                      f"bank {args.num_classes}x{args.bank_slots}x{self.model.feature_dim} {args.bank_dtype}, "
+                      f"bank {args.num_classes}x{args.bank_slots}x{self.model.feature_dim} "
+                      f"{args.bank_dtype}, "
                       f"amp {'bf16' if args.amp else 'off'}, compile {'on' if args.compile else 'off'}, "
                       f"{args.epoch} epochs x {self.steps_per_epoch()} steps, out {args.out}"
                       + (f", {torch.get_num_threads()} CPU threads" if self.device.type == "cpu" else ""))
@@ -455,7 +485,8 @@ class Trainer:
                 self.log.info("no images with masks to evaluate (give --test_list and a mask folder)")
         metrics["seconds"] = round(time.time() - start, 2)
         metrics.update(dataset=args.dataset, device=str(self.device), backbone=args.backbone,
-                       contrast=bool(args.contrast), mixup=bool(args.mixup), aggregation=args.aggregation_mode,
+                       contrast=bool(args.contrast), mixup=bool(args.mixup),
+                       aggregation=args.aggregation_mode,
                        seed=args.seed, world_size=self.world,
                        cpu_threads=torch.get_num_threads() if self.device.type == "cpu" else None)
         self.save(extra={"cam_best_threshold": metrics.get("cam_best_threshold")}, rng=rng_at_stop)
@@ -480,7 +511,8 @@ class Trainer:
         loader = DataLoader(self.eval_set, batch_size=batch_size, shuffle=False, collate_fn=collate,
                             num_workers=0 if args.dataset == "synthetic" else min(args.num_workers, 4))
         start = time.time()
-        for batch in tqdm(loader, desc="CAM eval", disable=not args.progress, leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, desc="CAM eval", disable=not args.progress, leave=False,
+                          dynamic_ncols=True):
             images = batch["image"].to(self.device)
             out_size = tuple(batch["mask"].shape[-2:])
             labels = batch["label"]
