@@ -59,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--img_dir", default=None, help="image folder (default: DATA_ROOT/JPEGImages)")
     pub.add_argument("--train_list", default=None,
                      help="training list 'name c c ...' (0-based) or bare names with --cls-labels "
-                          "(default: DATA_ROOT/train_cls.txt, then "
-                          "DATA_ROOT/ImageSets/Segmentation/train_cls.txt)")
+                          "(default: DATA_ROOT/train_cls.txt, then .../ImageSets/Segmentation/train_cls.txt)")
     pub.add_argument("--test_list", default=None,
                      help="list of images for the CAM evaluation at the end (default: DATA_ROOT/val_cls.txt, "
                           "then .../ImageSets/Segmentation/val_cls.txt; skipped when absent)")
