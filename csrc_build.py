@@ -95,7 +95,8 @@ def extension_modules(root):
         ext = cpp_extension.CppExtension(
             "rca_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
         why = ("RCA_FAST_EXT_CPU_ONLY=1" if not want_cuda else
-               "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)")
+               "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit found (set "
+                                                                         "CUDA_HOME)")
         what = f"with CPU sources only ({why})"
     print(f"rca_fast: building the extension rca_fast._C {what}")
     cmd = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)

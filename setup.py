@@ -41,13 +41,14 @@ setup(
     python_requires=">=3.10",
     packages=["rca_fast", "rca_fast.ops", "rca_fast.ref", "rca_fast.model", "rca_fast.data",
               "rca_fast.kernels", "rca_fast.kernels.map", "rca_fast.kernels.nce",
-              "rca_fast.kernels.attention", "rca_fast.profile", "rca_fast.segment", "rca_fast.utils"],
+              "rca_fast.kernels.attention", "rca_fast.profile", "rca_fast.segment", "rca_fast.train",
+              "rca_fast.utils"],
     package_dir={"rca_fast.kernels": "kernels"},
     # Supported: torch 2.11 (the GPU machines': Triton 3.6) to 2.14 (Triton 3.8); CI tests both ends.
     # Triton comes with torch's Linux CUDA builds; the kernels need >= 3.6.
     install_requires=["torch>=2.11", "torchvision>=0.26", "triton>=3.6; platform_system == 'Linux'",
                       "numpy", "tqdm", "pillow"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "ruff"],
                     "plots": ["matplotlib"],
                     # dense CRF of the public gen_labels step (python -m rca_fast.pseudo --refine crf);
                     # C++, built from source; --refine par needs nothing beyond torch

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
+from rca_fast.profile import counts
 from rca_fast.ref.attention import prototype_attention as ref_attention
 
 GPU_CASES = [(8, 2116, 200, 512, 512), (8, 2116, 2048, 512, 512)]   # (B, N, P, D, Dv)
@@ -33,8 +34,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ["fwd", "fwd_bwd"]
 ROUNDS = 20
 
-_median_ms = {}  # (device, shape, dtype, mode, provider) -> ms, for the speed-up columns
-
 
 def shape_id(case) -> str:
     B, N, P, D, Dv = case
@@ -43,20 +42,16 @@ def shape_id(case) -> str:
     return f"B{B}-{hw}-P{P}-D{D}-Dv{Dv}"
 
 
-def attention_cost(case, elem_bytes: int, mode: str):
-    """(bytes, FLOPs) the step must at least move and compute: the forward reads q, k, v and writes
-    out (+ the fp32 lse row); the backward reads q, k, v, out, dO (+ lse) and writes dq, dk, dv.
-    FLOPs are the math's matmuls, no recomputation: forward q k^T and p v, backward dO v^T, p^T dO,
-    ds k and ds^T q."""
+def profile_shape(case) -> counts.ProfileShape:
+    """The case as the cost model's shape (``counts.attention_fwd`` / ``attention_bwd``: the
+    minimum -- q, k, v read and out written; the backward reads q, k, v, dO and writes dq, dk, dv,
+    no saved statistics; FLOPs of the math's matmuls, no recomputation): N queries per image as
+    an N x 1 map, the P prototypes as P classes of one each.  The model's values are as wide as its
+    queries (Dv = D), the only case the cost model counts."""
     B, N, P, D, Dv = case
-    M = B * N
-    fwd_bytes = elem_bytes * (M * D + P * D + P * Dv + M * Dv) + 4 * M
-    fwd_flops = 2 * M * P * (D + Dv)
-    if mode == "fwd":
-        return fwd_bytes, fwd_flops
-    bwd_bytes = elem_bytes * (2 * M * D + 2 * P * D + 2 * P * Dv + 2 * M * Dv) + 4 * M
-    bwd_flops = 2 * M * P * (2 * D + 2 * Dv)
-    return fwd_bytes + bwd_bytes, fwd_flops + bwd_flops
+    if Dv != D:
+        raise ValueError(f"the cost model counts Dv == D, got D={D}, Dv={Dv}")
+    return counts.ProfileShape(shape_id(case), B=B, L=P, S=1, D=D, H=N, W=1, K=1, present=1)
 
 
 def make_attention(provider: str, B: int, N: int):
@@ -101,30 +96,14 @@ def make_step(fn, case, dtype, mode, device):
     return step
 
 
-def extra_memory_mb(step, device):
-    """Peak device memory one step allocates beyond what was allocated before it, in MB (None on
-    CPU, where torch keeps no such count)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    return (torch.cuda.max_memory_allocated(device) - base) / 1e6
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case_index", [0, 1], ids=["P200", "P2048"])
 def test_attention(benchmark, device, case_index, dtype_name, mode, provider):
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    if case_index >= len(cases):
-        pytest.skip("this case is benchmarked on CUDA only")
-    if device.type != "cuda" and (provider != "ref" or dtype_name != "fp32"):
-        pytest.skip("on CPU only the eager reference in fp32 is benchmarked")
-    case = cases[case_index]
-    dtype = DTYPES[dtype_name]
+    case, dtype = harness.pick_case(device, dict(enumerate(GPU_CASES)), dict(enumerate(CPU_CASES)),
+                                    case_index,
+                                    provider, DTYPES, dtype_name)
     fn = make_attention(provider, case[0], case[1])
     step = make_step(fn, case, dtype, mode, device)
     try:
@@ -134,20 +113,15 @@ def test_attention(benchmark, device, case_index, dtype_name, mode, provider):
     benchmark.group = f"attention-{shape_id(case)}-{dtype_name}-{mode}-{device.type}"
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     ms = harness.time_ms(step, device, reps=ROUNDS)
-    nbytes, flops = attention_cost(case, torch.finfo(dtype).bits // 8, mode)
-    roofline = harness.roofline_ms(nbytes, flops, device,
-                                   dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    nbytes, flops = harness.work("prototype_attention", profile_shape(case), dtype, mode)
     row = {"op": "prototype_attention", "provider": provider, "shape": shape_id(case),
-           "dtype": dtype_name, "mode": mode, "ms": ms, "roofline_ms": roofline,
-           "frac_roofline": roofline / ms, "extra_MB": extra_memory_mb(step, device)}
-    key = (device.type, shape_id(case), dtype_name, mode)
-    _median_ms[key + (provider,)] = ms
+           "dtype": dtype_name, "mode": mode, "ms": ms, "extra_MB": harness.extra_memory_mb(step, device)}
+    harness.add_speedups(row, ("attention", device.type, shape_id(case), dtype_name, mode), provider,
+                         PROVIDERS, ms)
     if provider == "rca_fast":
-        # Providers run before rca_fast in PROVIDERS order, so their medians are here already.
-        for other in PROVIDERS[:-1]:
-            if key + (other,) in _median_ms:
-                row[f"speedup_vs_{other}"] = _median_ms[key + (other,)] / ms
-        ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
+        ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k,
+                           v in row.items() if k.startswith("speedup_vs_"))
         print(f"\nprototype_attention {shape_id(case)} {dtype_name} {mode}: rca_fast {ms:.3f} ms; "
               f"speed-up over {ratios or 'nothing timed in this run'} (target: > 1x sdpa_efficient)")
-    harness.record("bench_attention", row, device, bytes_moved=nbytes, flops=flops)
+    harness.record("bench_attention", row, device, nbytes=nbytes, flops=flops,
+                   dtype=harness.dtype_name(dtype))

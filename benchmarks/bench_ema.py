@@ -9,8 +9,10 @@ touched rows are read and written).  Rows:
                with Python-int indices, p = (p + 1) % S kept in a Python list
   ref          rca_fast.ref.ema.ema_update_ (vectorised plain torch: one indexed write per round)
 
-Target (issue 5): GPU >= 10x the Python loop.  Bytes: each row reads and writes one bank row and
-reads one embedding row.  Run: ``pytest benchmarks/bench_ema.py --benchmark-only -s``; rows go to
+Target (issue 5): GPU >= 10x the Python loop.  Bytes and FLOPs: ``rca_fast.profile.counts.ema_fwd``
+(the project's one cost model: each row reads and writes one bank row and reads one embedding row
+and its class; the ring pointers are read and written).  Run: ``pytest benchmarks/bench_ema.py
+--benchmark-only -s``; rows go to
 benchmarks/results/bench_ema-<device>.json.
 """
 import importlib
@@ -19,13 +21,13 @@ import pytest
 import torch
 
 import harness
+from rca_fast.profile import counts
 
 ref_ema = importlib.import_module("rca_fast.ref.ema").ema_update_
 
 N, S, D = 64, 1000, 512
 GAMMA = 0.99
 PROVIDERS = ["python_loop", "ref", "rca_fast"]
-_median_ms = {}
 
 
 def python_loop(bank, ptr_list, emb, target_list, gamma=GAMMA):
@@ -61,14 +63,12 @@ def test_ema(benchmark, device, provider):
     benchmark.group = f"ema-L{L}-S{S}-D{D}-N{N}-{device.type}"
     benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
     ms = harness.time_ms(step, device, reps=50)
-    nbytes = N * D * 4 * 3
+    shape = counts.ProfileShape(f"L{L}-S{S}-D{D}-N{N}", B=N, L=L, S=S, D=D, H=1, W=1, K=1, present=1)
+    nbytes, flops = harness.work("ema_update_", shape, torch.float32, "fwd")
     row = {"op": "ema_update_", "provider": provider, "shape": f"L{L}-S{S}-D{D}-N{N}", "ms": ms}
-    _median_ms[(device.type, provider)] = ms
+    harness.add_speedups(row, ("ema", device.type), provider, PROVIDERS, ms)
     if provider == "rca_fast":
-        for other in PROVIDERS[:-1]:
-            if (device.type, other) in _median_ms:
-                row[f"speedup_vs_{other}"] = _median_ms[(device.type, other)] / ms
         if "speedup_vs_python_loop" in row:
             print(f"\nema_update_ {device.type}: rca_fast {ms * 1e3:.1f} us, "
                   f"{row['speedup_vs_python_loop']:.1f}x the Python loop")
-    harness.record("bench_ema", row, device, bytes_moved=nbytes)
+    harness.record("bench_ema", row, device, nbytes=nbytes, flops=flops)

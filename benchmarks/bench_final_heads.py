@@ -196,8 +196,14 @@ def run_case(case_name: str, dtype: str, impls, device: torch.device, rounds: in
             extra["peak_MB"] = peak[impl]
         else:
             extra.update(rounds=rounds, min_ms=spread[impl][0], max_ms=spread[impl][1])
-        rows.append(harness.record("bench_final_heads", row_for(case_name, case, dtype, impl, ms[impl], device,
-                                                                **extra), device, flops=head_flops(case)))
+        rows.append(
+            harness.record(
+                "bench_final_heads",
+                row_for(case_name, case, dtype, impl, ms[impl], device, **extra),
+                device,
+                flops=head_flops(case),
+            )
+        )
     return rows
 
 
@@ -219,8 +225,12 @@ def _test_final_heads(benchmark, device, case_name, dtype, impl):
     else:  # CUDA (device-synchronised do_bench) or pytest-benchmark disabled
         ms = harness.time_ms(step, device)
     _median_ms[(device.type, case_name, dtype, impl)] = ms
-    harness.record("bench_final_heads", row_for(case_name, case, dtype, impl, ms, device,
-                                                max_rel_diff_vs_grouped_fp32=diff), device, flops=head_flops(case))
+    harness.record(
+        "bench_final_heads",
+        row_for(case_name, case, dtype, impl, ms, device, max_rel_diff_vs_grouped_fp32=diff),
+        device,
+        flops=head_flops(case),
+    )
 
 
 if pytest is not None:
@@ -234,7 +244,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cases", default="voc,coco", help="comma list of voc, coco")
-    ap.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (default: both on CUDA, fp32 on CPU)")
+    ap.add_argument(
+        "--dtypes", default=None, help="comma list of fp32, bf16 (default: both on CUDA, fp32 on CPU)"
+    )
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")

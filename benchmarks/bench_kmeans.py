@@ -32,7 +32,6 @@ import tempfile
 import time
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -59,7 +58,8 @@ def blobs(L, S, D, K, seed, std=4.0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.rand(L, K, D, generator=g) * 20 - 10
     which = torch.randint(K, (L, S), generator=g)
-    return torch.gather(centres, 1, which.unsqueeze(-1).expand(L, S, D)) + std * torch.randn(L, S, D, generator=g)
+    return torch.gather(centres, 1, which.unsqueeze(-1).expand(L, S, D)) + std * torch.randn(L, S, D,
+                                                                                             generator=g)
 
 
 def shape_id(L, S, D, K):
@@ -174,7 +174,8 @@ def test_kmeans_default_shape(benchmark, device):
     for n_init in N_INITS:
         for t in threads:
             ours = statistics.median(times[("rca_fast", n_init, t)])
-            line = f"kmeans {shape_id(*DEFAULT)} {device.type} n_init={n_init} threads={t}: rca_fast {ours:.1f} ms"
+            line = (f"kmeans {shape_id(*DEFAULT)} {device.type} n_init={n_init} threads={t}: "
+                    f"rca_fast {ours:.1f} ms")
             line += f", {ref_ms[(n_init, t)] / ours:.1f}x ref"
             if sk_best is not None:
                 line += (f", {sk_best / ours:.1f}x sklearn's best ({sk_best:.0f} ms), worst inertia "
@@ -200,4 +201,5 @@ def test_kmeans_scale_row(benchmark, device):
         if provider == "rca_fast":
             row["speedup_vs_ref"] = rows["ref"] / ms
         harness.record("bench_kmeans", row, device)
-    print(f"kmeans {shape_id(*SCALE)}: rca_fast {rows['rca_fast']:.1f} ms, {rows['ref'] / rows['rca_fast']:.1f}x ref")
+    print(f"kmeans {shape_id(*SCALE)}: rca_fast {rows['rca_fast']:.1f} ms, "
+          f"{rows['ref'] / rows['rca_fast']:.1f}x ref")

@@ -1,12 +1,13 @@
 """Masked average pooling: the Triton kernels vs rca_fast.ref eager and torch.compile(ref).
 
 MAP pools, per image and present class, the mean feature under ``cam > mean(cam)``.  Target
-(issue 4, H100/H200): forward+backward at B=8, D=512, 46x46, L=20 with 1-3 present classes per
-image at >= 70% of the measured copy bandwidth.  The bytes that must move (``map_cost``) are
-the features read once by the forward and grad_features written once by the backward (the
-features themselves are not needed there), plus the present classes' CAM rows, the (B, L, D)
-embeddings / their gradient and the (B, L) labels and counts.  Rows, per case, dtype (fp32,
-bf16) and mode (fwd, fwd_bwd):
+(issue 4, H100/H200): forward+backward at B=8, D=512, 46x46, L=20 with 2 present classes per
+image (VOC: 1.5 on average) at >= 70% of the measured copy bandwidth.  The bytes that must move
+are ``rca_fast.profile.counts.map_fwd`` + ``map_bwd`` (the project's one cost model): the
+features read once by the forward and grad_features written once by the backward (the features
+themselves are not needed there), the present classes' CAM rows (float32 here, as the trainer's
+CAM probabilities) each way, the (B, L, D) embeddings / their gradient and the (B, L) labels
+and counts.  Rows, per case, dtype (fp32, bf16) and mode (fwd, fwd_bwd):
 
   rca_fast      rca_fast.kernels.map.forward.masked_average_pool (Triton, CUDA only)
   ref           rca_fast.ref.map.masked_average_pool, eager
@@ -17,124 +18,72 @@ TFLOP/s, the fraction of the measured copy bandwidth and roofline, and for rca_f
 over the other rows of the same (case, dtype, mode); rows are appended to
 benchmarks/results/bench_map-<device>.json.  On CPU only the eager reference runs, smaller.
 """
-import pytest
 import torch
 
 import harness
+from rca_fast.profile import counts
 from rca_fast.ref.map import masked_average_pool as ref_map
 
-# (B, L, D, H, W, labels): "voc" = 1-3 present classes per image, None = every class
-GPU_CASES = {"voc": (8, 20, 512, 46, 46, "voc"), "voc-nolabels": (8, 20, 512, 46, 46, None),
-             "coco": (8, 80, 512, 46, 46, "voc")}
-CPU_CASES = {"voc": (2, 20, 128, 23, 23, "voc")}
+# (B, L, D, H, W, present classes per image; None = no labels, every class pooled)
+GPU_CASES = {"voc": (8, 20, 512, 46, 46, 2), "voc-nolabels": (8, 20, 512, 46, 46, None),
+             "coco": (8, 80, 512, 46, 46, 3)}
+CPU_CASES = {"voc": (2, 20, 128, 23, 23, 2)}
 PROVIDERS = ["ref", "ref_compiled", "rca_fast"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ["fwd", "fwd_bwd"]
 TARGET_FRAC_COPY_BW = 0.7   # fwd_bwd, voc case, rca_fast
 ROUNDS = 20
 
-_median_ms = {}  # (device, case, dtype, mode, provider) -> ms
-
 
 def shape_id(case) -> str:
-    B, L, D, H, W, labels = case
-    return f"B{B}-L{L}-D{D}-HW{H}x{W}-{'labels' if labels else 'nolabels'}"
+    B, L, D, H, W, present = case
+    return f"B{B}-L{L}-D{D}-HW{H}x{W}-" + (f"present{present}" if present else "nolabels")
 
 
-def make_labels(B: int, L: int, kind, device) -> "torch.Tensor | None":
-    """1 + (b mod 3) present classes in image b (VOC has 1.5 on average, at most a few)."""
-    if kind is None:
+def profile_shape(case) -> counts.ProfileShape:
+    """The case as the cost model's shape (no labels: every class is a present pair)."""
+    B, L, D, H, W, present = case
+    return counts.ProfileShape(shape_id(case), B=B, L=L, S=1, D=D, H=H, W=W, K=1, present=present or L)
+
+
+def make_labels(B: int, L: int, present, device) -> "torch.Tensor | None":
+    """``present`` random classes in every image (None: no labels)."""
+    if present is None:
         return None
     g = torch.Generator().manual_seed(1)
     labels = torch.zeros(B, L, dtype=torch.bool)
     for b in range(B):
-        labels[b, torch.randperm(L, generator=g)[: 1 + b % 3]] = True
+        labels[b, torch.randperm(L, generator=g)[:present]] = True
     return labels.to(device)
 
 
-def map_cost(case, n_present: int, elem_bytes: int, cam_bytes: int, mode: str):
-    """(bytes, FLOPs) one step must at least move / compute.
-
-    Forward: read the features once, the present classes' CAM rows once, the labels; write emb
-    (B, L, D) and count (B, L) int64.  Backward: read grad_emb and the present CAM rows (the
-    masks are rebuilt), write grad_features once.  FLOPs: a multiply-add per (present class,
-    channel, pixel) each way (the dense formulation that a bmm computes)."""
-    B, L, D, H, W, _ = case
-    HW = H * W
-    feat = B * D * HW * elem_bytes
-    emb = B * L * D * elem_bytes
-    cams = n_present * HW * cam_bytes
-    fwd_bytes = feat + cams + emb + B * L * (8 + 1)
-    flops = 2 * n_present * D * HW
-    if mode == "fwd":
-        return fwd_bytes, flops
-    bwd_bytes = feat + cams + emb + B * L * 8
-    return fwd_bytes + bwd_bytes, 2 * flops
-
-
-def make_map(provider: str):
-    if provider == "ref":
-        return ref_map
-    if provider == "ref_compiled":
-        return torch.compile(ref_map)
-    from rca_fast.kernels.map.forward import masked_average_pool
-    return masked_average_pool
-
-
-def make_step(fn, case, dtype, mode, device, *, sync: bool):
-    """A closure running one forward (and backward) of ``fn`` on fixed random inputs."""
-    B, L, D, H, W, kind = case
+def make_step(provider, case, dtype, mode, device):
+    """A closure running one forward (and backward) of ``provider``'s MAP on fixed random inputs."""
+    fn = harness.provider_fn(provider, ref_map, "rca_fast.kernels.map.forward:masked_average_pool")
+    B, L, D, H, W, present = case
     g = torch.Generator().manual_seed(0)
     need_grad = mode == "fwd_bwd"
     features = torch.randn(B, D, H, W, generator=g).to(device=device, dtype=dtype).requires_grad_(need_grad)
     cams = torch.randn(B, L, H, W, generator=g).to(device)            # CAMs stay float32
-    labels = make_labels(B, L, kind, device)
+    labels = make_labels(B, L, present, device)
     grad_emb = torch.randn(B, L, D, generator=g).to(device=device, dtype=dtype)
-
-    def step():
-        emb, _ = fn(features, cams, labels)
-        if need_grad:
-            torch.autograd.grad(emb, features, grad_emb)
-        if sync:   # pytest-benchmark times on the host; harness.time_ms synchronises itself
-            harness.sync(device)
-    n_present = B * L if labels is None else int(labels.sum())
-    return step, n_present
+    return harness.forward_backward(lambda: fn(features, cams, labels)[0], need_grad, features, grad_emb)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("case_name", list(GPU_CASES))
+@harness.grid(GPU_CASES, DTYPES, MODES, PROVIDERS)
 def test_map(benchmark, device, case_name, dtype_name, mode, provider):
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    if case_name not in cases:
-        pytest.skip("this case is benchmarked on CUDA only")
-    if device.type != "cuda" and (provider != "ref" or dtype_name != "fp32"):
-        pytest.skip("on CPU only the eager reference in fp32 is benchmarked")
-    case = cases[case_name]
-    dtype = DTYPES[dtype_name]
-    fn = make_map(provider)
-    step, n_present = make_step(fn, case, dtype, mode, device, sync=True)
-    timed, _ = make_step(fn, case, dtype, mode, device, sync=False)
-    step()          # compiles (torch.compile, Triton autotuning) outside the timing
-    benchmark.group = f"map-{shape_id(case)}-{dtype_name}-{mode}-{device.type}"
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2, iterations=1)
-    ms = harness.time_ms(timed, device, reps=ROUNDS)
-    elem = torch.finfo(dtype).bits // 8
-    nbytes, flops = map_cost(case, n_present, elem, 4, mode)
-    roofline = harness.roofline_ms(nbytes, flops, device, dtype="float32")
+    case, dtype = harness.pick_case(device, GPU_CASES, CPU_CASES, case_name, provider, DTYPES, dtype_name)
+    _, ms = harness.time_step(benchmark, make_step(provider, case, dtype, mode, device),
+                              f"map-{shape_id(case)}-{dtype_name}-{mode}-{device.type}", device, ROUNDS)
+    shape = profile_shape(case)
+    nbytes, flops = harness.work("masked_average_pool", shape, dtype, mode, cam_dtype=torch.float32)
     row = {"op": "masked_average_pool", "provider": provider, "shape": shape_id(case),
-           "dtype": dtype_name, "mode": mode, "present_pairs": n_present, "ms": ms,
-           "roofline_ms": roofline, "frac_roofline": roofline / ms}
-    key = (device.type, case_name, dtype_name, mode)
-    _median_ms[key + (provider,)] = ms
-    if provider == "rca_fast":
-        for other in PROVIDERS[:-1]:   # run before rca_fast in PROVIDERS order
-            if key + (other,) in _median_ms:
-                row[f"speedup_vs_{other}"] = _median_ms[key + (other,)] / ms
-        if mode == "fwd_bwd" and case_name == "voc":
-            row["target_frac_copy_bw"] = TARGET_FRAC_COPY_BW
-    full = harness.record("bench_map", row, device, bytes_moved=nbytes, flops=flops)
+           "dtype": dtype_name, "mode": mode, "present_pairs": shape.Np, "ms": ms}
+    harness.add_speedups(row, ("map", device.type, case_name, dtype_name, mode), provider, PROVIDERS, ms)
+    if provider == "rca_fast" and mode == "fwd_bwd" and case_name == "voc":
+        row["target_frac_copy_bw"] = TARGET_FRAC_COPY_BW
+    full = harness.record("bench_map", row, device, nbytes=nbytes, flops=flops,
+                          dtype=harness.dtype_name(dtype))
     if "target_frac_copy_bw" in row:
         met = full["frac_copy_bw"] >= TARGET_FRAC_COPY_BW
         print(f"\nmasked_average_pool {shape_id(case)} {dtype_name} fwd+bwd: rca_fast {ms * 1e3:.1f} us, "

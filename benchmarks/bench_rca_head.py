@@ -6,16 +6,18 @@ backward + the EMA bank update of the rows scoring above 0.7.
 Shapes (public defaults): B=8 images, L=20 classes, S=500 slots, D=512, 46x46 features (crop 368
 at stride 8), 1-3 present classes per image.
 
-  (a) public_loops   benchmarks/public_rca_head.py (loops per image, class, region and bank row)
+  (a) public_loops   rca_fast/ref/public_head.py (loops per image, class, region and bank row)
   (b) rca_fast_ops   rca_fast.model.rca.region_contrast (ops.masked_average_pool with labels,
                      ops.bank_nce_loss with mixup) + MemoryBank.update (ops.ema_update_)
   (c) compiled_ref   torch.compile of (b) on the plain-torch reference ops (CUDA only)
 
 On CPU the speed-up is also measured from alternating rounds of (a) and (b), which cancels the
-load drift of a shared machine.  Run: ``pytest benchmarks/bench_rca_head.py --benchmark-only -s``.  On a shared, oversubscribed
+load drift of a shared machine.  Run: ``pytest benchmarks/bench_rca_head.py --benchmark-only -s``.  On a
+shared, oversubscribed
 CPU put ``OMP_WAIT_POLICY=PASSIVE`` (or ``OMP_NUM_THREADS=1``) in front: with OpenMP's default
 spin-waiting, each big vectorised op waits for a descheduled sibling thread, and (b) measured
-up to 10x slower than its own single-thread time (the many small ops of (a) suffer less).  Every step's median is
+up to 10x slower than its own single-thread time (the many small ops of (a) suffer less).  Every step's
+median is
 recorded with ``harness.record`` and the speed-up of (b) and (c) over (a) is printed
 (target on a 2-core CPU: (b) >= 8x (a)).
 """
@@ -29,9 +31,9 @@ import pytest
 import torch
 
 import harness
-from public_rca_head import public_bank_update, public_rca_head
 from rca_fast.model import MemoryBank
 from rca_fast.model.rca import region_contrast
+from rca_fast.ref.public_head import public_bank_update, public_rca_head
 
 B, L, S, D, H, W = 8, 20, 500, 512, 46, 46
 TAU, ALPHA, GAMMA, THRESHOLD = 0.07, 8.0, 0.99, 0.7

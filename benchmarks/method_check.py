@@ -88,7 +88,7 @@ def coarse_head_miou(trainer) -> float:
     import torch
     from torch.utils.data import DataLoader
 
-    from rca_fast.train import collate
+    from rca_fast.data.collate import collate
     from rca_fast.utils.cams import multiscale_cams, normalise_cams, parse_scales
     from rca_fast.utils.metrics import CamSweepMeter
 
@@ -190,11 +190,13 @@ def write_results(rows, args, extra, started: float, pretrain_info) -> dict:
     name = "method_check" + (f"_{args.tag}" if args.tag else "")
     os.makedirs(args.results, exist_ok=True)
     lines = [f"# Method check on synthetic data{' (' + args.tag + ')' if args.tag else ''}", "",
-             f"Seeds {args.seeds}; {len(rows)} runs done of {args.planned}; 1 torch thread per run, {args.jobs} "
+             f"Seeds {args.seeds}; {len(rows)} runs done of {args.planned}; 1 torch thread per run, "
+             f"{args.jobs} "
              f"runs side by side; device {device_name(torch.device('cpu'))}; commit {COMMIT}; "
              f"{(time.time() - started) / 60:.0f} min.", "",
              f"Budget (shortened to fit 80 runs in ~45 min on a shared 2-core CPU): `{' '.join(BUDGET)}`"
-             + (f", plus `{' '.join(extra)}`" if extra else "") + ". Pretrained regime: the tiny backbone from "
+             + (f", plus `{' '.join(extra)}`" if extra else "") + ". Pretrained regime: the tiny backbone "
+                                                                  "from "
              f"`python -m rca_fast.pretrain {' '.join(PRETRAIN)}` (other data seeds than the runs')"
              + (f", {pretrain_info}" if pretrain_info else "") + ".", "",
              "CAM mIoU (%) of the final head O and of the coarse head P; paired = the variant minus the "
@@ -204,10 +206,12 @@ def write_results(rows, args, extra, started: float, pretrain_info) -> dict:
                   "coarse P: mean +- std | paired vs baseline |", "|---|---|---|---|---|---|"]
         for variant, e in per.items():
             f, c = e["final_miou"], e["coarse_miou"]
-            lines.append(f"| {variant} | {e['n']} | {pct(f['mean'])} +- {pct(f['std'])} | {diff_text(f.get('paired'))} | "
+            lines.append(f"| {variant} | {e['n']} | {pct(f['mean'])} +- {pct(f['std'])} | "
+                         f"{diff_text(f.get('paired'))} | "
                          f"{pct(c['mean'])} +- {pct(c['std'])} | {diff_text(c.get('paired'))} |")
         lines.append("")
-    lines += ["Per run:", "", "| regime | variant | seed | final O (%) | coarse P (%) | threshold | bank rows | "
+    lines += ["Per run:", "",
+              "| regime | variant | seed | final O (%) | coarse P (%) | threshold | bank rows | "
               "steps | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["regime"], list(VARIANTS).index(r["variant"]), r["seed"])):
         lines.append(f"| {r['regime']} | {r['variant']} | {r['seed']} | {pct(r['final_miou'])} | "
@@ -216,7 +220,8 @@ def write_results(rows, args, extra, started: float, pretrain_info) -> dict:
     with open(os.path.join(args.results, name + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     payload = {"name": name, "budget_flags": BUDGET, "extra_flags": list(extra), "pretrain_flags": PRETRAIN,
-               "seeds": args.seeds, "variants": VARIANTS, "summary": summary, "runs": rows, "threads_per_run": 1,
+               "seeds": args.seeds, "variants": VARIANTS, "summary": summary, "runs": rows,
+               "threads_per_run": 1,
                "jobs": args.jobs, "device": device_name(torch.device("cpu")), "torch": torch.__version__,
                "commit": COMMIT, "wall_seconds": round(time.time() - started, 1)}
     with open(os.path.join(args.results, name + ".json"), "w") as f:
@@ -226,7 +231,8 @@ def write_results(rows, args, extra, started: float, pretrain_info) -> dict:
 
 
 def plot(summary, path: str, tag: str) -> None:
-    """Paired difference to the baseline per variant (+- 2 SE), final and coarse head, one panel per regime."""
+    """Paired difference to the baseline per variant (+- 2 SE), final and coarse head, one panel per
+    regime."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -243,7 +249,8 @@ def plot(summary, path: str, tag: str) -> None:
         for j, (key, color) in enumerate((("final_miou", "#c0392b"), ("coarse_miou", "#2e86c1"))):
             ps = [summary[regime][v][key].get("paired") or {} for v in names]
             means = [100 * p.get("mean", float("nan")) for p in ps]
-            errs = [200 * p["se"] if p.get("se") == p.get("se") and p.get("se") is not None else 0 for p in ps]
+            errs = [200 * p["se"] if p.get("se") == p.get("se") and p.get("se") is not None else 0
+                    for p in ps]
             xs = [i + (j - 0.5) * 0.36 for i in range(len(names))]
             ax.bar(xs, means, width=0.36, yerr=errs, capsize=4, color=color, alpha=0.85,
                    label="final head O" if j == 0 else "coarse head P")
@@ -271,7 +278,8 @@ def ensure_pretrained(path: str) -> str:
                        check=True, cwd=ROOT)
     with open(path + ".json") as f:
         last = json.load(f)["history"][-1]
-    return f"final pretraining loss {last['loss']:.3f}, exact-match accuracy {last['exact_match']:.2f} on its images"
+    return (f"final pretraining loss {last['loss']:.3f}, exact-match accuracy {last['exact_match']:.2f} "
+            f"on its images")
 
 
 def main(argv=None) -> dict:
@@ -292,7 +300,8 @@ def main(argv=None) -> dict:
     p.add_argument("--define", action="append", default=[], metavar="NAME=FLAGS",
                    help="an extra variant, e.g. 'improved, no copy=--recipe improved --first-write ema' "
                         "(then name it in --variants)")
-    p.add_argument("--results", default=RESULTS, help="folder of the result files (default benchmarks/results)")
+    p.add_argument("--results", default=RESULTS,
+                   help="folder of the result files (default benchmarks/results)")
     p.add_argument("--one", nargs=3, metavar=("REGIME", "VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for definition in args.define:
@@ -313,7 +322,8 @@ def main(argv=None) -> dict:
     started = time.time()
     pretrain_info = ensure_pretrained(args.pretrained) if "pretrained" in args.regimes else ""
     # seeds outermost: a partial check already compares every variant of both regimes on the first seeds
-    jobs = [(regime, variant, seed) for seed in args.seeds for regime in args.regimes for variant in args.variants]
+    jobs = [(regime, variant,
+             seed) for seed in args.seeds for regime in args.regimes for variant in args.variants]
     args.planned = len(jobs)
     rows = []
 

@@ -127,7 +127,11 @@ def plan_jobs(plans, mode: str) -> List[Job]:
                     out[seen[key]] = dataclasses.replace(out[seen[key]], fixed=True)
                 continue
             seen[key] = len(out)
-            shown = {k: int(v) if isinstance(v, bool) else v for k, v in plan.constexprs.items() if k in _LABEL_KEYS}
+            shown = {
+                k: int(v) if isinstance(v, bool) else v
+                for k, v in plan.constexprs.items()
+                if k in _LABEL_KEYS
+            }
             fn = plan.kernel.fn
             out.append(Job(plan.name, config_label(dict(cfg.kwargs, **shown), cfg.num_warps, cfg.num_stages),
                            plan.dtypes, f"{fn.__module__}:{fn.__name__}",
@@ -146,8 +150,35 @@ def planted_spill_job() -> Job:
     config BLOCK_S = BLOCK_D = 128 with an fp32 bank: ~1.8 KB of spills, 163,840 B of shared memory
     at 4 warps and 2 stages): the compile check must fail on it (its test plants it)."""
     I64 = torch.int64
-    args = (F32, F32, I64, I64, F32, F32, F32, 512, 1000, 512, 8, 1, 20, 1024, 1 / 0.07, 512, 1, 512000, 512, 1)
+    args = (
+        F32,
+        F32,
+        I64,
+        I64,
+        F32,
+        F32,
+        F32,
+        512,
+        1000,
+        512,
+        8,
+        1,
+        20,
+        1024,
+        1 / 0.07,
+        512,
+        1,
+        512000,
+        512,
+        1,
+    )
     kw = dict(HAS_MIX=True, MODE=dot_mode(F32, F32), INTERPRET=False, BLOCK_N=64, BLOCK_S=128, BLOCK_D=128,
               num_warps=4, num_stages=2)
-    return Job("nce_lse", "PLANTED-N64-S128-D128-w4-s2", "fp32", "rca_fast.kernels.nce.forward:_nce_lse_kernel",
-               args, kw)
+    return Job(
+        "nce_lse",
+        "PLANTED-N64-S128-D128-w4-s2",
+        "fp32",
+        "rca_fast.kernels.nce.forward:_nce_lse_kernel",
+        args,
+        kw,
+    )

@@ -51,7 +51,9 @@ def rule_rows(shapes: Dict[str, dict]) -> List[str]:
             for sms in compile_specs.SMS:
                 for plan in compile_specs.capture(shape, mode, sms):
                     cfg = plan.fixed
-                    blocks = dict(cfg.kwargs, **{k: plan.constexprs[k] for k in _CONFIG_KEYS if k in plan.constexprs})
+                    blocks = dict(
+                        cfg.kwargs, **{k: plan.constexprs[k] for k in _CONFIG_KEYS if k in plan.constexprs}
+                    )
                     key = (plan.name, name, plan.dtypes, _variant(plan.constexprs))
                     grouped.setdefault(key, {})[sms] = config_label(blocks, cfg.num_warps, cfg.num_stages)
     rows = []
@@ -68,7 +70,9 @@ def rule_rows(shapes: Dict[str, dict]) -> List[str]:
 def read_table(path: str = TABLE_PATH) -> List[str]:
     """The rows of the written table."""
     with open(path) as f:
-        return [line.rstrip("\n") for line in f if line.startswith("| ") and not line.startswith("| kernel |")]
+        return [
+            line.rstrip("\n") for line in f if line.startswith("| ") and not line.startswith("| kernel |")
+        ]
 
 
 def write_table(shapes: Dict[str, dict], path: str = TABLE_PATH) -> int:

@@ -161,9 +161,11 @@ def check_grid(plan: LaunchPlan) -> None:
         for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
             if n > limit:
                 what = plan.axes[axis] if axis < len(plan.axes) else "programs"
-                raise ValueError(f"{plan.name}: the launch needs {n} programs on CUDA grid axis {'xyz'[axis]} "
-                                 f"({what}), more than its limit of {limit:,}; use the torch backend "
-                                 f"(RCA_FAST_BACKEND=torch) or fewer/smaller inputs per call")
+                raise ValueError(
+                    f"{plan.name}: the launch needs {n} programs on CUDA grid axis {'xyz'[axis]} "
+                    f"({what}), more than its limit of {limit:,}; use the torch backend "
+                    f"(RCA_FAST_BACKEND=torch) or fewer/smaller inputs per call"
+                )
 
 
 def launch(plan: LaunchPlan) -> None:

@@ -40,15 +40,25 @@ class _KernelsFinder:
 
 _map_source_kernels()
 
-from . import ops  # noqa: E402
-from .model import MemoryBank  # noqa: E402
-
 __all__ = ["ops", "MemoryBank", "RCAModel", "__version__"]
+
+# name -> (module, attribute or None for the module itself).  Imported on first use, so that
+# `import rca_fast.ref.map` (an oracle) or `import rca_fast.data` loads neither the dispatcher
+# (rca_fast.ops) nor the model (and torchvision with it).
+_LAZY = {"ops": ("rca_fast.ops", None), "MemoryBank": ("rca_fast.model.memory_bank", "MemoryBank"),
+         "RCAModel": ("rca_fast.model.rca", "RCAModel")}
 
 
 def __getattr__(name):
-    # RCAModel pulls in torchvision; import it on first use so `import rca_fast` stays light.
-    if name == "RCAModel":
-        from .model.rca import RCAModel
-        return RCAModel
-    raise AttributeError(f"module 'rca_fast' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'rca_fast' has no attribute {name!r}")
+    import importlib
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value   # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

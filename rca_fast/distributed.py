@@ -49,7 +49,8 @@ def setup(device: str) -> Tuple[torch.device, bool]:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
         created = True
     if dev.type == "cuda" and dev.index is None and world_size() > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank() % max(torch.cuda.device_count(), 1))))
+        dev = torch.device("cuda",
+                           int(os.environ.get("LOCAL_RANK", rank() % max(torch.cuda.device_count(), 1))))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev, created
@@ -147,6 +148,7 @@ def check_bank_consistent(bank: torch.Tensor, ptr: torch.Tensor, step: int) -> N
     bad = [r for r, g in enumerate(gathered) if not torch.equal(g, ref)]
     if bad:
         rows = ", ".join(f"rank {r}: {[float(v) for v in g]}" for r, g in enumerate(gathered))
-        raise RuntimeError(f"memory banks differ between ranks at step {step} (ranks {bad} differ from rank 0); "
+        raise RuntimeError(f"memory banks differ between ranks at step {step} (ranks {bad} differ from rank "
+                           "0); "
                            f"checksums [sum, weighted sum, pointer sum]: {rows}. The bank updates must be "
                            f"gathered in rank order on every rank (MemoryBank.update).")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .data.voc import COCO_CLASSES, VOC_CLASSES, DataFileError, load_mask, read_class_list
 from .utils.metrics import CamSweepMeter, ConfusionMeter, default_thresholds, format_iou_table
+from .utils.program import run_program
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +67,8 @@ def class_names(num_classes: int, given: Optional[str] = None, pred: Optional[st
     if given:
         names = [n.strip() for n in given.split(",")]
         if len(names) != num_classes - 1:
-            raise ValueError(f"--class-names has {len(names)} names, expected num_classes - 1 = {num_classes - 1}")
+            raise ValueError(f"--class-names has {len(names)} names, expected num_classes - 1 = "
+                             f"{num_classes - 1}")
         return ["background"] + names
     if num_classes == 21:
         return ["background"] + list(VOC_CLASSES)
@@ -85,7 +87,8 @@ def _resolve_pred(pred: str, first: str, kind: str):
         if os.path.isfile(os.path.join(folder, f"{first}.{ext}")):
             return folder, ext
     want = " or ".join(sorted({f"{first}.{e}" for _, e in candidates}))
-    raise DataFileError(f"prediction not found: {os.path.join(pred, first)} ({want}, also under cams/ and pseudo/)")
+    raise DataFileError(f"prediction not found: {os.path.join(pred, first)} ({want}, also under cams/ and "
+                        "pseudo/)")
 
 
 def load_cam_file(path: str):
@@ -97,10 +100,11 @@ def load_cam_file(path: str):
         keys = np.asarray(data["keys"], np.int64).reshape(-1)
         cams = np.asarray(data["high_res"], np.float32)
     except Exception as exc:
-        raise DataFileError(f"cannot read CAM file {path} (expected a dict with 'keys' and 'high_res'): {exc}") \
-            from exc
+        raise DataFileError(f"cannot read CAM file {path} (expected a dict with 'keys' and 'high_res'): "
+                            f"{exc}") from exc
     if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
-        raise DataFileError(f"CAM file {path}: high_res must be (k, H, W) with k = len(keys) = {keys.shape[0]}, "
+        raise DataFileError(f"CAM file {path}: high_res must be (k, H, W) with k = len(keys) = "
+                            f"{keys.shape[0]}, "
                             f"got {cams.shape}")
     return keys, cams
 
@@ -185,8 +189,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -29,11 +28,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import SyntheticShapes, VOCSegmentation
-from .train import build_model, collate, cpu_threads
+from .data.collate import collate
+from .model.config import build_model
 from .utils.cams import multiscale_cams, normalise_cams, parse_scales, present_classes
 from .utils.checkpoint import load_checkpoint, load_model_state
 from .utils.metrics import cam_to_label
 from .utils.palette import overlay_strip, save_label_png
+from .utils.program import run_program
+from .utils.threads import cpu_threads
 
 DEFAULT_BG_THRESHOLD = 0.15
 
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("synthetic", "voc", "coco"), default=None,
                    help="default: the checkpoint's training dataset")
     p.add_argument("--data-root", default=None, help="VOC/COCO folder (default: the checkpoint's)")
-    p.add_argument("--img_dir", "--img-dir", dest="img_dir", default=None, help="default: DATA_ROOT/JPEGImages")
+    p.add_argument("--img_dir", "--img-dir", dest="img_dir", default=None,
+                   help="default: DATA_ROOT/JPEGImages")
     p.add_argument("--list", default=None, help="images to process: 'name c c ...' or bare names "
                    "(synthetic: optional subset of the generated split)")
     p.add_argument("--cls-labels", default=None, help="IRN cls_labels.npy for a list of bare names")
@@ -65,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per forward for same-size images (synthetic); real images go one by one")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default, fixed by the machine)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0 = torch's default, fixed by the machine)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -82,7 +86,8 @@ def _dataset(args, train_args: dict, num_classes: int):
             known = {name: i for i, name in enumerate(ds.names)}
             missing = [n for n in wanted if n not in known]
             if missing:
-                raise ValueError(f"{args.list}: {missing[0]} is not an image of the synthetic {args.split} split "
+                raise ValueError(f"{args.list}: {missing[0]} is not an image of the synthetic {args.split} "
+                                 "split "
                                  f"({len(ds)} images)")
             return torch.utils.data.Subset(ds, [known[n] for n in wanted]), ds
         return ds, ds
@@ -172,8 +177,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Dict, Optional, Sequence
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from .data import SyntheticShapes
 from .model.backbones import TinyBackbone
+from .utils.program import run_program
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,14 +134,11 @@ def pretrain(args: argparse.Namespace) -> Dict:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     summary = pretrain(parse_args(argv))
     last = summary["history"][-1]
-    print(f"pretrained tiny backbone: loss {last['loss']:.4f}, exact-match accuracy {last['exact_match']:.3f} "
+    print(f"pretrained tiny backbone: loss {last['loss']:.4f}, exact-match accuracy "
+          f"{last['exact_match']:.3f} "
           f"(train images) in {summary['seconds']:.0f}s -> {summary['weights']}")
     return summary
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
@@ -40,8 +39,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data.voc import DataFileError, find_image, load_image, read_class_list
-from .refine import DEFAULT_DILATIONS, crf_available, crf_refine, par_refine, CRF_EXTRA_HINT
+from .refine import CRF_EXTRA_HINT, DEFAULT_DILATIONS, crf_available, crf_refine, par_refine
 from .utils.palette import save_label_png
+from .utils.program import run_program
 
 ALPHA = 4            # background score exponent for the refinement
 CONFLICT = 0.9       # more than one plane above this -> 255
@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel processes (CPU); on a GPU the refinement runs in the main process")
     p.add_argument("--device", default="cpu", help="par: cpu or cuda[:N]")
     p.add_argument("--par-iters", type=int, default=10, help="par: propagation steps")
-    p.add_argument("--par-dilations", default=",".join(map(str, DEFAULT_DILATIONS)), help="par: neighbourhoods")
+    p.add_argument("--par-dilations", default=",".join(map(str, DEFAULT_DILATIONS)),
+                   help="par: neighbourhoods")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -197,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.num_classes < 1:
-        raise ValueError(f"--num-classes counts the foreground classes and must be >= 1, got {args.num_classes}")
+        raise ValueError("--num-classes counts the foreground classes and must be >= 1, got "
+                         f"{args.num_classes}")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     for flag, folder in (("--maps", args.maps), ("--images", args.images), ("--saliency", args.saliency)):
@@ -209,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         dilations = tuple(int(d) for d in args.par_dilations.split(",") if d.strip())
     except ValueError:
-        raise ValueError(f"--par-dilations must be comma-separated ints, got {args.par_dilations!r}") from None
+        raise ValueError(f"--par-dilations must be comma-separated ints, "
+                         f"got {args.par_dilations!r}") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
     entries = read_class_list(args.list, args.num_classes)
@@ -235,7 +238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 refine_seconds.append(sec)
     summary = {"images": len(tasks), "refine": args.refine, "saliency": args.saliency is not None,
                "workers": args.workers, "device": args.device, "seconds": round(time.time() - start, 2),
-               "refine_seconds_per_image_median": float(np.median(refine_seconds)) if refine_seconds else None,
+               "refine_seconds_per_image_median":
+                   float(np.median(refine_seconds)) if refine_seconds else None,
                "out": args.out}
     with open(os.path.join(args.out, "pseudo.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -246,8 +250,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main, [(ImportError, 2, "error")])   # --refine crf without pydensecrf

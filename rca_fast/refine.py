@@ -150,7 +150,8 @@ def crf_refine(image: np.ndarray, scores: np.ndarray, *, t: int = 10) -> np.ndar
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"crf_refine: image must be (H, W, 3) uint8, got {image.shape}")
     if scores.ndim != 3 or scores.shape[1:] != image.shape[:2]:
-        raise ValueError(f"crf_refine: scores must be (C, H, W) with (H, W) = {image.shape[:2]}, got {scores.shape}")
+        raise ValueError(f"crf_refine: scores must be (C, H, W) with (H, W) = {image.shape[:2]}, got "
+                         f"{scores.shape}")
     c, h, w = scores.shape
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(scores)))

@@ -62,17 +62,20 @@ MUTANTS = [
      "peak = cams.flatten(1).amax(dim=1).clamp_min(0)[..., None, None, None]",
      ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop or normalise_cams"]),
     ("infer-margin-doubled", "rca_fast/infer.py",
-     "- args.bg_threshold) < args.ignore_margin] = 255", "- args.bg_threshold) < 2 * args.ignore_margin] = 255",
+     "- args.bg_threshold) < args.ignore_margin] = 255",
+     "- args.bg_threshold) < 2 * args.ignore_margin] = 255",
      ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
     ("infer-margin-one-side", "rca_fast/infer.py",
      "label[np.abs(cams.max(axis=0) - args.bg_threshold) < args.ignore_margin] = 255",
-     "label[(cams.max(axis=0) - args.bg_threshold < args.ignore_margin) & (cams.max(axis=0) > args.bg_threshold)]"
+     "label[(cams.max(axis=0) - args.bg_threshold < args.ignore_margin) & (cams.max(axis=0) > "
+     "args.bg_threshold)]"
      " = 255",
      ["tests/test_infer_evaluate.py", "-k", "multiscale_flip_loop"]),
     ("label-ties-to-class", "rca_fast/utils/metrics.py",
-     "return np.where(top > bg_threshold, keys[best] + 1, 0)", "return np.where(top >= bg_threshold, keys[best] + 1, 0)",
+     "return np.where(top > bg_threshold, keys[best] + 1, 0)",
+     "return np.where(top >= bg_threshold, keys[best] + 1, 0)",
      ["tests/test_infer_evaluate.py", "-k", "cam_sweep"]),
-    ("train-eval-no-flip", "rca_fast/train.py",
+    ("train-eval-no-flip", "rca_fast/train/__init__.py",
      "cams, _ = multiscale_cams(self.model, images, scales=scales, flip=True, out_size=out_size)",
      "cams, _ = multiscale_cams(self.model, images, scales=scales, flip=False, out_size=out_size)",
      ["tests/test_train.py", "-k", "synthetic_smoke"]),
@@ -97,7 +100,8 @@ MUTANTS = [
      "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = tol * x.var(1, unbiased=False).sum(-1)",
      ["tests/test_kmeans.py", "-k", "divides_the_summed_variance"]),
     ("kmeans-tol-1000x", "rca_fast/ref/kmeans.py",
-     "tol_abs = tol * x.var(1, unbiased=False).mean(-1)", "tol_abs = 1000 * tol * x.var(1, unbiased=False).mean(-1)",
+     "tol_abs = tol * x.var(1, unbiased=False).mean(-1)",
+     "tol_abs = 1000 * tol * x.var(1, unbiased=False).mean(-1)",
      ["tests/test_kmeans.py", "-k", "lloyd_iterations"]),
     ("kmeans-no-labels-stop", "rca_fast/ref/kmeans.py",
      "done |= (labels == prev).all(-1)", "pass",
@@ -114,7 +118,8 @@ MUTANTS = [
     # ---------------------------------------------------------------- memory bank / EMA
     ("bank-gather-reverse", "rca_fast/model/memory_bank.py",
      "return (torch.cat([e[:c] for e, c in zip(embs, counts)]),",
-     "embs, tgts, counts = embs[::-1], tgts[::-1], counts[::-1]\n    return (torch.cat([e[:c] for e, c in zip(embs, counts)]),",
+     "embs, tgts, counts = embs[::-1], tgts[::-1], counts[::-1]\n    return (torch.cat([e[:c] for e, c in "
+     "zip(embs, counts)]),",
      ["tests/test_memory_bank.py", "-k", "distributed"]),
     ("bank-threshold-inclusive", "rca_fast/model/memory_bank.py",
      "> self.score_threshold  # strictly above", ">= self.score_threshold",
@@ -137,7 +142,8 @@ MUTANTS = [
      "emb = sums / count.clamp(min=1).unsqueeze(-1).to(acc)", "emb = sums / 1",
      ["tests/test_map.py"]),
     ("map-labels-count-off", "rca_fast/ref/map.py",
-     "vals = (sums / cnt.clamp(min=1).unsqueeze(-1).to(acc))", "vals = (sums / (cnt + 1).unsqueeze(-1).to(acc))",
+     "vals = (sums / cnt.clamp(min=1).unsqueeze(-1).to(acc))",
+     "vals = (sums / (cnt + 1).unsqueeze(-1).to(acc))",
      ["tests/test_map.py"]),
     # ---------------------------------------------------------------- bank NCE (ref)
     ("nce-no-temperature", "rca_fast/ref/nce.py",
@@ -151,7 +157,8 @@ MUTANTS = [
      "neg_lse = class_lse.logsumexp(-1)",
      ["tests/test_nce.py"]),
     ("nce-no-slot-norm", "rca_fast/ref/nce.py",
-     "inv_norm = m.norm(dim=-1).clamp(min=EPS).reciprocal()", "inv_norm = m.norm(dim=-1).clamp(min=EPS) * 0 + 1",
+     "inv_norm = m.norm(dim=-1).clamp(min=EPS).reciprocal()",
+     "inv_norm = m.norm(dim=-1).clamp(min=EPS) * 0 + 1",
      ["tests/test_nce.py"]),
     # ---------------------------------------------------------------- prototype attention (ref)
     ("attn-scale-ignored", "rca_fast/ref/attention.py",
@@ -246,11 +253,11 @@ MUTANTS = [
     ("public-resize-keeps-aspect", "rca_fast/data/transforms.py",
      "image = np.array(Image.fromarray(image).resize((s, s), Image.BILINEAR))", "image = resize_long(image, s)",
      ["tests/test_public_pipeline.py", "-k", "square_resize"]),
-    ("public-order-shuffled", "rca_fast/train.py",
+    ("public-order-shuffled", "rca_fast/train/__init__.py",
      'return getattr(self.args, "input_pipeline", "public") != "public"', "return True",
      ["tests/test_public_pipeline.py", "-k", "list_order"]),
     ("public-softmax-aggregation", "rca_fast/utils/train_args.py",
-     '"public": dict(aggregation="linear"', '"public": dict(aggregation="softmax"',
+     '"public": dict(aggregation="linear",', '"public": dict(aggregation="softmax",',
      ["tests/test_public_pipeline.py", "-k", "defaults_linear"]),
     ("kmeans-100-iterations", "rca_fast/ops/kmeans.py",
      "iters: int = 300", "iters: int = 100",
@@ -262,10 +269,10 @@ MUTANTS = [
     ("ext-ema-no-version-bump", "rca_fast/_ext.py",
      "    torch.autograd.graph.increment_version(bank)\n", "",
      ["tests/test_bank_inplace.py"]),
-    ("att-dir-no-fill", "rca_fast/train.py",
-     "filled = self.att_maps.fill_missing(", "filled = 0 and self.att_maps.fill_missing(",
+    ("att-dir-no-fill", "rca_fast/train/__init__.py",
+     "                    self.att_maps.fill_missing(\n", "                    0 and self.att_maps.fill_missing(\n",
      ["tests/test_att_dir_every_image.py", "-k", "every_tagged_class"]),
-    ("pretrained-not-required", "rca_fast/train.py",
+    ("pretrained-not-required", "rca_fast/train/__init__.py",
      "        require_pretrained(args, resuming=bool(resume))", "        pass",
      ["tests/test_pretrained_required.py"]),
     # ---------------------------------------------------------------- checkpoints, pseudo labels (issue 20)
@@ -297,14 +304,14 @@ MUTANTS = [
      "            dist.all_reduce(t, op=dist.ReduceOp.MAX)\n            return t.cpu()",
      "            dist.all_reduce(t, op=dist.ReduceOp.SUM)\n            return t.cpu()",
      ["tests/test_ddp_paths.py"]),
-    ("ddp-contrast-start-off-by-one", "rca_fast/train.py",
+    ("ddp-contrast-start-off-by-one", "rca_fast/train/__init__.py",
      "self.model.contrast = epoch >= self.args.contrast_start_epoch",
      "self.model.contrast = epoch > self.args.contrast_start_epoch",
      ["tests/test_ddp_paths.py"]),
-    ("ddp-ranks-seeded-alike-torch", "rca_fast/train.py",
+    ("ddp-ranks-seeded-alike-torch", "rca_fast/train/__init__.py",
      "torch.manual_seed(args.seed + 1000003 * self.rank)", "torch.manual_seed(args.seed)",
      ["tests/test_ddp_paths.py"]),
-    ("ddp-ranks-seeded-alike-numpy", "rca_fast/train.py",
+    ("ddp-ranks-seeded-alike-numpy", "rca_fast/train/__init__.py",
      "np.random.seed((args.seed + 1000003 * self.rank) % 2 ** 32)", "np.random.seed(args.seed % 2 ** 32)",
      ["tests/test_ddp_paths.py"]),
     # ---------------------------------------------------------------- defaults vs the README's table (issue 20)
@@ -313,12 +320,12 @@ MUTANTS = [
      'pub.add_argument("--weight_decay", type=float, default=5e-3)',
      ["tests/test_readme_defaults.py"]),
     ("default-improved-start-epoch", "rca_fast/utils/train_args.py",
-     'prototype_init="zeros",\n                     aggregation_start_epoch=4',
-     'prototype_init="zeros",\n                     aggregation_start_epoch=3',
+     'prototype_init="zeros",\n                     aggregation_start_epoch=4, first_write="copy"',
+     'prototype_init="zeros",\n                     aggregation_start_epoch=3, first_write="copy"',
      ["tests/test_readme_defaults.py"]),
     ("default-voc-bank-slots", "rca_fast/utils/train_args.py",
-     'decay_points="5,10", bank_slots=500, num_workers=8, snapshot_dir="runs/pascal/model"',
-     'decay_points="5,10", bank_slots=512, num_workers=8, snapshot_dir="runs/pascal/model"',
+     'bank_slots=500, num_workers=8,\n                snapshot_dir="runs/pascal/model"',
+     'bank_slots=512, num_workers=8,\n                snapshot_dir="runs/pascal/model"',
      ["tests/test_readme_defaults.py"]),
     ("readme-public-wd-miscited", "README.md",
      "lr 1e-3, wd 5e-4 on all parameters", "lr 1e-3, wd 5e-3 on all parameters",
@@ -356,8 +363,8 @@ def scratch_copy(dest: str, rev=None) -> None:
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
     else:
-        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                               check=True, capture_output=True).stdout.decode().split("\0")
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                               cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
         for rel in filter(None, files):
             src = os.path.join(ROOT, rel)
             if not os.path.isfile(src):  # deleted in the working tree
@@ -379,7 +386,8 @@ def scratch_env(dest: str) -> dict:
 
 def check_imports(dest: str) -> None:
     """The scratch copy's code, not the editable install's, must be what the tests import."""
-    code = ("import importlib, rca_fast, rca_fast.kernels; k = importlib.import_module('rca_fast.ref.kmeans'); "
+    code = ("import importlib, rca_fast, rca_fast.kernels; k = "
+            "importlib.import_module('rca_fast.ref.kmeans'); "
             "print(rca_fast.__file__); print(rca_fast.kernels.__file__); print(k.__file__)")
     res = subprocess.run([sys.executable, "-c", code], cwd=dest, env=scratch_env(dest), capture_output=True,
                          text=True)
@@ -416,12 +424,14 @@ def run_tests(dest: str, args, timeout: float) -> tuple:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-k", action="append", default=[], help="run the mutants whose id contains this (repeatable)")
+    p.add_argument("-k", action="append", default=[],
+                   help="run the mutants whose id contains this (repeatable)")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--clean", action="store_true", help="first run each distinct test selection unmutated")
     p.add_argument("--timeout", type=float, default=900, help="seconds per mutant")
     p.add_argument("--keep", default=None, help="scratch folder to use and keep (default: a temporary one)")
-    p.add_argument("--ext", action="store_true", help="also run the csrc/ mutants (one extension rebuild each)")
+    p.add_argument("--ext", action="store_true",
+                   help="also run the csrc/ mutants (one extension rebuild each)")
     p.add_argument("--rev", default=None, help="copy this commit (e.g. HEAD) instead of the working tree")
     p.add_argument("--recheck", action="store_true",
                    help="run a mutant its selection misses against the whole tests/ folder before calling it missed")

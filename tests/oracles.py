@@ -158,6 +158,44 @@ def prototype_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return torch.tensor(out, dtype=torch.float64).reshape(B, N, Dv)
 
 
+# --------------------------------------------------------------------------- low-precision tolerance
+# The one tolerance of the kernel tests in float32 / bfloat16 / float16 (flash-attention's rule):
+# our error against a float64 result is at most twice the error of rca_fast.ref run in the same
+# dtype as ours, plus a floor relative to the largest exact value (the floor only matters where the
+# reference is exact to the last bit; for bf16/fp16 the reference's own error is far above it).
+REL_ERROR_FLOOR = 1e-6
+# On a GPU, Triton's tl.exp and '/' become ex2.approx / div.full (DESIGN 6), an error source that
+# the reference (torch's exact libm) does not have and the interpreter never shows: the GPU-only
+# tests of the kernels built on them (NCE gradients, attention) allow this floor instead.
+GPU_APPROX_ERROR_FLOOR = 1e-5
+
+
+def errors_vs_exact(got: torch.Tensor, ref_same_dtype: torch.Tensor,
+                    exact: torch.Tensor) -> Tuple[float, float, float]:
+    """(our max |error|, the same-dtype reference's max |error|, max |exact|), all against ``exact``."""
+    exact = exact.detach().to("cpu", torch.float64)
+    if exact.numel() == 0:
+        return 0.0, 0.0, 0.0
+
+    def err(t: torch.Tensor) -> float:
+        return float((t.detach().to("cpu", torch.float64) - exact).abs().max())
+    return err(got), err(ref_same_dtype), float(exact.abs().max())
+
+
+def assert_within_twice_ref_error(ours: float, theirs: float, scale: float, *,
+                                  floor: float = REL_ERROR_FLOOR, what: str = "") -> None:
+    """ours <= 2 * theirs + floor * scale (errors and scale as :func:`errors_vs_exact` gives them)."""
+    bound = 2 * theirs + floor * scale
+    assert ours <= bound, (f"{what}: our error {ours:.3g} > 2 x the same-dtype reference's "
+                           f"{theirs:.3g} + {floor:g} x {scale:.3g} = {bound:.3g}")
+
+
+def assert_close_as_reference(got: torch.Tensor, ref_same_dtype: torch.Tensor, exact: torch.Tensor, *,
+                              floor: float = REL_ERROR_FLOOR, what: str = "") -> None:
+    """The rule on tensors: ``got`` is within twice the error of ``ref_same_dtype`` against ``exact``."""
+    assert_within_twice_ref_error(*errors_vs_exact(got, ref_same_dtype, exact), floor=floor, what=what)
+
+
 # --------------------------------------------------------------------------- EMA bank update
 def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target: torch.Tensor, *,
                 gamma: float = 0.99) -> None:

@@ -16,7 +16,8 @@ from rca_fast.train import main
 from rca_fast.utils.att_maps import AttentionMaps, identity_view
 from rca_fast.utils.checkpoint import load_checkpoint
 
-TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes", "2",
+TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes",
+        "2",
         "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "8", "--val-images", "2"]
 
 
@@ -96,7 +97,8 @@ def test_crop_is_put_back_in_place(gen):
     acc.update(cams, torch.zeros(1, 1), torch.ones(1, 1), [0], 2, (32, 32), view)
     m = acc.maps[(0, 0)].numpy()
     a = np.rint(cams[0, 0].numpy() / (cams.max().item() + np.float32(1e-8)) * np.float32(255))
-    # flipped image column X (resized px) = 31 - x; crop col = X - 8 for X in [8, 32): cells 1..3 <- crop cells 0..2
+    # flipped image column X (resized px) = 31 - x; crop col = X - 8 for X in [8, 32): cells 1..3 <- crop
+    # cells 0..2
     want = np.zeros((4, 4))
     for gx in range(4):
         X = (gx + 0.5) * 8 - 0.5
@@ -186,10 +188,14 @@ def test_voc_train_crops_land_on_their_image(gen):
         yy, xx = np.mgrid[0:H0, 0:W0]
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0 ** 2))
         image = np.repeat((blob * 255).round().astype(np.uint8)[..., None], 3, axis=2)
-        tf = TrainTransform(size, crop, jitter=False, seed=int(torch.randint(0, 10 ** 9, (1,), generator=gen)))
+        tf = TrainTransform(size, crop, jitter=False,
+                            seed=int(torch.randint(0, 10 ** 9, (1,), generator=gen)))
         x, view = tf.with_view(image)
         _, _, h, w, flip, sy, sx, dy, dx, hh, ww = view.tolist()
-        assert tuple(x.shape) == (3, crop, crop) and (h, w) == tuple(int(round(v * max(h, w) / W0)) for v in (H0, W0))
+        assert tuple(x.shape) == (3, crop, crop) and (h,
+                                                      w) == tuple(int(round(v * max(h,
+                                                                                    w) / W0)) for v in (H0,
+                                                                                                        W0))
         # the blob in the crop: resized coords, flipped, shifted; skip crops that cut it
         by, bx = (cy + 0.5) * h / H0 - 0.5, (cx + 0.5) * w / W0 - 0.5
         bx = (w - 1) - bx if flip else bx
@@ -207,7 +213,8 @@ def test_voc_train_crops_land_on_their_image(gen):
     assert checked >= 5
 
 
-DDP = ["--input_size", "32", "--crop_size", "32", "--batch_size", "2", "--bank-slots", "16", "--prototypes", "2",
+DDP = ["--input_size", "32", "--crop_size", "32", "--batch_size", "2", "--bank-slots", "16", "--prototypes",
+       "2",
        "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "8", "--val-images", "0",
        "--device", "cpu",  # 8 images / 2 ranks / batch 2: 2 steps per epoch per rank
        # the configuration this test was written for (shuffled flips, softmax aggregation): under the
@@ -217,7 +224,9 @@ DDP = ["--input_size", "32", "--crop_size", "32", "--batch_size", "2", "--bank-s
 
 def _ddp_worker(rank, world, port, out_dir):
     import pickle
+
     import torch.distributed as dist
+
     from rca_fast.train import main as train_main
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -247,6 +256,7 @@ def test_two_ranks_merge_to_the_single_process_rule(tmp_path):
     the PNGs are the public rule applied to both ranks' steps in epoch order."""
     import pickle
     import socket
+
     import torch.multiprocessing as mp
 
     with socket.socket() as s:

@@ -14,9 +14,31 @@ from rca_fast.data import SyntheticShapes
 from rca_fast.train import main
 from rca_fast.utils.att_maps import AttentionMaps
 
-ODD = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes", "2",
-       "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "11", "--val-images", "0",
-       "--epoch", "2", "--device", "cpu"]  # 11 images, batch 4: a partial batch of 3
+ODD = [
+    "--input_size",
+    "32",
+    "--crop_size",
+    "32",
+    "--batch_size",
+    "4",
+    "--bank-slots",
+    "16",
+    "--prototypes",
+    "2",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--num_classes",
+    "3",
+    "--num-images",
+    "11",
+    "--val-images",
+    "0",
+    "--epoch",
+    "2",
+    "--device",
+    "cpu",
+]  # 11 images, batch 4: a partial batch of 3
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +76,9 @@ def _merge_worker(rank, world, port, out_dir):
             for i in range(5):
                 for c in range(3):
                     if bool(torch.rand((), generator=gen) < 0.5):
-                        per_rank[r][(i, c)] = torch.randint(0, 256, shapes[i], generator=gen, dtype=torch.uint8)
+                        per_rank[r][(i, c)] = torch.randint(
+                            0, 256, shapes[i], generator=gen, dtype=torch.uint8
+                        )
         for (i, c), m in per_rank[rank].items():
             maps.maps[(i, c)] = m.clone()
             maps.sizes[i] = (7 * i + 3, 5 * i + 2)
@@ -84,5 +108,7 @@ def test_ranks_merge_maps_by_tensor_all_reduce(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_merge_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _merge_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     assert sorted(os.listdir(tmp_path)) == ["ok0", "ok1"]

@@ -39,7 +39,10 @@ def test_grid_is_the_ceiling_of_the_resized_size_over_the_stride(gen, tmp_path):
         # the hot cell's centre in resized pixels lands in the grid cell of that position
         cy, cx = fy * STRIDE + (STRIDE - 1) / 2, fx * STRIDE + (STRIDE - 1) / 2
         iy, ix = np.unravel_index(np.argmax(m), m.shape)
-        assert abs(iy - math.floor((cy + 0.5) / h * want[0])) <= 1 and abs(ix - math.floor((cx + 0.5) / w * want[1])) <= 1
+        assert (
+            abs(iy - math.floor((cy + 0.5) / h * want[0])) <= 1
+            and abs(ix - math.floor((cx + 0.5) / w * want[1])) <= 1
+        )
         # grid cells whose centre lies beyond what the crop copied were not seen: 0
         rows = [(g + 0.5) / want[0] * h - 0.5 >= hh - 0.5 for g in range(want[0])]
         cols = [(g + 0.5) / want[1] * w - 0.5 >= ww - 0.5 for g in range(want[1])]

@@ -26,7 +26,8 @@ def test_matches_loop_oracle(shape, scale, gen):
     out = ops.prototype_attention(query, key, value, scale=scale)
     want = oracles.prototype_attention(query, key, value, scale=scale)
     assert out.shape == want.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=fp32_attention_atol(query, key, value, scale))
+    torch.testing.assert_close(out.double(), want, rtol=1e-5,
+                               atol=fp32_attention_atol(query, key, value, scale))
 
 
 def fp32_attention_atol(query, key, value, scale):
@@ -76,7 +77,8 @@ def test_bf16(gen):
 
 
 @pytest.mark.parametrize("scale", [None, 0.7], ids=["scale-default", "scale-0.7"])
-@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 3), (1, 4, 1, 3, 2)], ids=["B2-N3-P4-D5-Dv3", "B1-N4-P1-D3-Dv2"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 3), (1, 4, 1, 3, 2)],
+                         ids=["B2-N3-P4-D5-Dv3", "B1-N4-P1-D3-Dv2"])
 def test_gradcheck_query_key_value(shape, scale, gen):
     query, key, value = (t.requires_grad_(True) for t in inputs(shape, gen, torch.float64))
     assert torch.autograd.gradcheck(lambda q, k, v: ops.prototype_attention(q, k, v, scale=scale),

@@ -87,7 +87,9 @@ def test_through_ops_with_a_forced_backend(backend, gen, monkeypatch):
 
 def test_extension_op_bumps_the_version_counters(gen):
     """The compiled op itself (torch.ops.rca_fast.ema_update_) marks bank and ptr as changed."""
-    pytest.importorskip("rca_fast._ext", reason="the extension rca_fast._C is not built", exc_type=ImportError)
+    pytest.importorskip(
+        "rca_fast._ext", reason="the extension rca_fast._C is not built", exc_type=ImportError
+    )
     query, bank, target, mix, weight, ptr, emb, rows = make(gen)
     v_bank, v_ptr = bank._version, ptr._version
     torch.ops.rca_fast.ema_update_(bank, ptr, emb, rows, 0.9)

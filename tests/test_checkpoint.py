@@ -18,7 +18,8 @@ from rca_fast.train import Trainer, main
 from rca_fast.utils import checkpoint as ckpt
 from rca_fast.utils.train_args import parse_args
 
-TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes", "2",
+TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes",
+        "2",
         "--no-progress", "--threads", "1", "--num_classes", "3"]
 SYN = TINY + ["--num-images", "8", "--val-images", "0"]  # 2 steps per epoch, no evaluation
 
@@ -98,7 +99,8 @@ def test_temporary_file_is_written_beside_the_target(tmp_path, monkeypatch, gen,
 def test_every_epoch_and_save_every_with_keep(tmp_path):
     main(SYN + ["--epoch", "3", "--save-every", "1", "--keep", "2", "--out", str(tmp_path)])
     numbered = ckpt.numbered_checkpoints(str(tmp_path))
-    assert [os.path.basename(p) for p in numbered] == ["checkpoint_step00000005.pt", "checkpoint_step00000006.pt"]
+    assert [os.path.basename(p) for p in numbered] == ["checkpoint_step00000005.pt",
+                                                       "checkpoint_step00000006.pt"]
     assert os.path.samefile(tmp_path / "checkpoint.pt", numbered[-1])
     assert ckpt.latest_checkpoint(str(tmp_path)) == numbered[-1]
     state = ckpt.load_checkpoint(numbered[0])
@@ -124,7 +126,8 @@ def test_a_new_run_in_an_old_folder_keeps_its_checkpoints_and_resume_auto_finds_
     latest = ckpt.latest_checkpoint(str(tmp_path))
     assert latest.endswith("checkpoint_step00000002.pt")
     assert ckpt.load_checkpoint(latest)["args"]["seed"] == 1
-    metrics = main(SYN + ["--epoch", "3", "--max-steps", "3", "--seed", "1", "--keep", "2", "--resume", "auto",
+    metrics = main(SYN + ["--epoch", "3", "--max-steps", "3", "--seed", "1", "--keep", "2", "--resume",
+                          "auto",
                           "--out", str(tmp_path)])
     assert metrics["steps"] == 3
 
@@ -135,7 +138,8 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     random.seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's state
     state = ckpt.capture_rng_state()
-    want = (torch.rand(4), np.random.rand(3), [random.random() for _ in range(3)], np.random.standard_normal())
+    want = (torch.rand(4), np.random.rand(3), [random.random() for _ in range(3)],
+            np.random.standard_normal())
     ckpt.atomic_torch_save({"model": {}, "rng": state}, str(tmp_path / "r.pt"))
     ckpt.restore_rng_state(ckpt.load_checkpoint(str(tmp_path / "r.pt"))["rng"])
     got = (torch.rand(4), np.random.rand(3), [random.random() for _ in range(3)], np.random.standard_normal())
@@ -189,7 +193,8 @@ def test_pickled_objects_are_refused_in_train_and_infer(tmp_path):
     with pytest.raises(ValueError, match="arbitrary pickled"):
         main(SYN + ["--resume", str(bad), "--out", str(tmp_path / "t")])
     with pytest.raises(ValueError, match="arbitrary pickled"):
-        infer_mod.main(["--checkpoint", str(bad), "--out", str(tmp_path / "i"), "--no-progress", "--device", "cpu"])
+        infer_mod.main(["--checkpoint", str(bad), "--out", str(tmp_path / "i"), "--no-progress", "--device",
+                        "cpu"])
     assert not marker.exists()
 
 
@@ -214,14 +219,29 @@ def test_other_class_count_or_bank_shape_is_refused_naming_both_shapes(tmp_path)
 # ---------------------------------------------------------------- exact resume
 def test_mid_epoch_resume_skips_the_seen_batches_in_order(tmp_path):
     # public pipeline (default): the list order every epoch, the partial batch kept
-    trainer = Trainer(parse_args(TINY + ["--num-images", "13", "--val-images", "0", "--out", str(tmp_path / "p")]))
+    trainer = Trainer(
+        parse_args(TINY + ["--num-images", "13", "--val-images", "0", "--out", str(tmp_path / "p")])
+    )
     full = list(trainer.batches(4).batch_sampler)
     assert full == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12]]
     assert list(trainer.batches(4, skip=2).batch_sampler) == full[2:]
     assert list(trainer.batches(5).batch_sampler) == full
     # augmented: a shuffled order per epoch, full batches only
-    trainer = Trainer(parse_args(TINY + ["--num-images", "13", "--val-images", "0", "--input-pipeline", "augmented",
-                                         "--out", str(tmp_path / "a")]))
+    trainer = Trainer(
+        parse_args(
+            TINY
+            + [
+                "--num-images",
+                "13",
+                "--val-images",
+                "0",
+                "--input-pipeline",
+                "augmented",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+    )
     full = list(trainer.batches(4).batch_sampler)
     assert len(full) == 3 and all(len(b) == 4 for b in full) and len({i for b in full for i in b}) == 12
     assert list(trainer.batches(4, skip=2).batch_sampler) == full[2:]
@@ -233,7 +253,8 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, stop_at):
     """Same seed, CPU: train 6 steps at once, or stop after ``stop_at`` and ``--resume auto``; the
     final model (weights, bank, pointers, prototypes, BatchNorm statistics) and optimiser state
     are bit-identical."""
-    run = SYN + ["--epoch", "3", "--contrast-start-epoch", "2", "--score-threshold", "0.0", "--save-every", "1"]
+    run = SYN + ["--epoch", "3", "--contrast-start-epoch", "2", "--score-threshold", "0.0", "--save-every",
+                 "1"]
     main(run + ["--out", str(tmp_path / "once")])
     main(run + ["--max-steps", str(stop_at), "--out", str(tmp_path / "twice")])
     main(run + ["--resume", "auto", "--out", str(tmp_path / "twice")])
@@ -321,7 +342,8 @@ def test_non_finite_loss_stops_naming_step_and_terms_and_keeps_the_last_checkpoi
 
     monkeypatch.setattr(train_mod, "rca_loss", nan_at_third_step)
     with pytest.raises(FloatingPointError, match=r"step 3\b.*'contrast': nan") as info:
-        main(SYN + ["--epoch", "3", "--save-every", "1", "--contrast-start-epoch", "1", "--out", str(tmp_path)])
+        main(SYN + ["--epoch", "3", "--save-every", "1", "--contrast-start-epoch", "1", "--out",
+                    str(tmp_path)])
     assert "last good checkpoint (step 2)" in str(info.value)
     state = ckpt.load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert state["step"] == 2

@@ -39,7 +39,8 @@ def test_parse_nvcc_log_one_row_per_kernel():
            "ptxas info    : Compiling entry function 'assign_kernel' for 'sm_90a'\n"
            "ptxas info    : Used 32 registers, 360 bytes cmem[0]\n")
     rows = parse_nvcc_log(log, "ema.cu")
-    assert [(r["registers"], r["spill_bytes"], r["shared_bytes"]) for r in rows] == [(40, 12, 2048), (32, 0, 0)]
+    assert [(r["registers"], r["spill_bytes"], r["shared_bytes"]) for r in rows] == [(40, 12, 2048),
+                                                                                     (32, 0, 0)]
     assert rows[0]["kernel"].startswith("ema.cu:") and rows[1]["kernel"] == "ema.cu:assign_kernel"
     if shutil.which("c++filt"):              # demangled: void ema_kernel<float>(float*)
         assert (rows[0]["kernel"], rows[0]["dtype"]) == ("ema.cu:ema_kernel", "fp32")
@@ -83,8 +84,9 @@ def test_every_plans_fixed_config_is_marked_fixed_in_the_jobs():
 
 def test_compile_subset_writes_the_json_and_fails_on_a_planted_spill(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "rca_fast.profile", "compile", "--out", str(tmp_path), "--kernels", "nce_row",
-           "--shapes", "one", "--dtypes", "fp32", "bf16", "--jobs", "2", "--progress", "off", "--plant-spill"]
+    cmd = [sys.executable, "-m", "rca_fast.profile", "compile", "--out", str(tmp_path),
+           "--kernels", "nce_row", "--shapes", "one", "--dtypes", "fp32", "bf16", "--jobs", "2",
+           "--progress", "off", "--plant-spill"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads((tmp_path / "compile.json").read_text())

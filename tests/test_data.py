@@ -6,9 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
-from rca_fast.data import (DataFileError, SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation,
-                           load_cls_labels, normalize_image, read_class_list, write_class_list)
-from rca_fast.data.synthetic import class_spec, class_names, export_voc
+from rca_fast.data import (
+    DataFileError,
+    SyntheticShapes,
+    TrainTransform,
+    VOCClassification,
+    VOCSegmentation,
+    load_cls_labels,
+    normalize_image,
+    read_class_list,
+    write_class_list,
+)
+from rca_fast.data.synthetic import class_names, class_spec, export_voc
 from rca_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rca_fast.utils.palette import save_label_png, voc_palette
 
@@ -233,10 +242,12 @@ def test_voc_datasets_and_file_errors(tmp_path):
     # a missing image: named at construction
     (tmp_path / "missing.txt").write_text("a 1\nghost 2\n")
     with pytest.raises(DataFileError, match=r"JPEGImages[/\\]ghost\.jpg"):
-        VOCClassification(str(tmp_path / "missing.txt"), str(tmp_path / "JPEGImages"), 20, TrainTransform(24, 16))
+        VOCClassification(str(tmp_path / "missing.txt"), str(tmp_path / "JPEGImages"), 20,
+                          TrainTransform(24, 16))
     # an unreadable image: named when loaded
     (tmp_path / "broken.txt").write_text("bad 0\n")
-    ds = VOCClassification(str(tmp_path / "broken.txt"), str(tmp_path / "JPEGImages"), 20, TrainTransform(24, 16))
+    ds = VOCClassification(str(tmp_path / "broken.txt"), str(tmp_path / "JPEGImages"), 20,
+                           TrainTransform(24, 16))
     with pytest.raises(DataFileError, match=r"bad\.jpg"):
         ds[0]
     # a missing mask
@@ -264,7 +275,9 @@ def test_data_cli_class_list(tmp_path, capsys):
 
     _write_voc(tmp_path, [("a", [4]), ("b", [0, 9])])
     (tmp_path / "names.txt").write_text("a\nb\n")
-    data_main(["class-list", "--data-root", str(tmp_path), "--names", "names.txt", "--out", str(tmp_path / "o.txt")])
+    data_main(["class-list", "--data-root", str(tmp_path), "--names", "names.txt", "--out",
+               str(tmp_path / "o.txt")])
     assert (tmp_path / "o.txt").read_text() == "a 4\nb 0 9\n"
-    data_main(["synthetic", "--out", str(tmp_path / "syn"), "--train", "2", "--val", "1", "--image-size", "32"])
+    data_main(["synthetic", "--out", str(tmp_path / "syn"), "--train", "2", "--val", "1", "--image-size",
+               "32"])
     assert (tmp_path / "syn" / "JPEGImages" / "syn_val_00000.jpg").is_file()

@@ -29,9 +29,35 @@ from test_att_dir import public_rule
 
 N, L, E, FH, FW = 6, 3, 3, 5, 6          # images, classes, epochs, feature grid of a 40 x 48 input
 NAMES = [f"im{i}" for i in range(N)]
-TRAIN = ["--input_size", "32", "--crop_size", "32", "--batch_size", "2", "--bank-slots", "16", "--prototypes", "2",
-         "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "8", "--val-images", "0",
-         "--device", "cpu", "--epoch", "2", "--contrast-start-epoch", "2", "--score-threshold", "0"]
+TRAIN = [
+    "--input_size",
+    "32",
+    "--crop_size",
+    "32",
+    "--batch_size",
+    "2",
+    "--bank-slots",
+    "16",
+    "--prototypes",
+    "2",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--num_classes",
+    "3",
+    "--num-images",
+    "8",
+    "--val-images",
+    "0",
+    "--device",
+    "cpu",
+    "--epoch",
+    "2",
+    "--contrast-start-epoch",
+    "2",
+    "--score-threshold",
+    "0",
+]
 
 
 def att_steps(seed):
@@ -123,7 +149,9 @@ def test_two_ranks_equal_the_single_process_oracle_of_what_each_saw(tmp_path, ge
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(2, port, str(tmp_path), seed), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, port, str(tmp_path), seed), nprocs=2, join=True, start_method="spawn"
+    )
 
     # --att_dir: every rank holds the maps of the public rule over both ranks' steps
     steps = att_steps(seed)
@@ -149,7 +177,9 @@ def test_two_ranks_equal_the_single_process_oracle_of_what_each_saw(tmp_path, ge
         assert by_epoch[1]["contrast"] == 0.0, f"rank {rank}: contrast before its start epoch"
         assert by_epoch[2]["contrast"] > 0.0, f"rank {rank}: no contrast in its start epoch 2"
         for h in run["history"]:  # the term is in the loss with its weight
-            assert abs(h["loss"] - (h["cls"] + 0.4 * h["coarse_cls"] + 0.01 * h["contrast"])) <= 1e-5 * h["loss"]
+            assert (
+                abs(h["loss"] - (h["cls"] + 0.4 * h["coarse_cls"] + 0.01 * h["contrast"])) <= 1e-5 * h["loss"]
+            )
     r0, r1 = runs[0]["rng"], runs[1]["rng"]
     assert not torch.equal(r0["torch"], r1["torch"]), "both ranks draw the same torch random stream"
     assert not torch.equal(r0["numpy"]["keys"], r1["numpy"]["keys"]), "both ranks draw the same numpy stream"

@@ -14,8 +14,9 @@ import torch.multiprocessing as mp
 
 from rca_fast.utils.checkpoint import load_checkpoint
 
-SYN = ["--input_size", "32", "--crop_size", "32", "--batch_size", "2", "--bank-slots", "16", "--prototypes", "2",
-       "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "8", "--val-images", "0",
+SYN = ["--input_size", "32", "--crop_size", "32", "--batch_size", "2", "--bank-slots", "16",
+       "--prototypes", "2", "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "8",
+       "--val-images", "0",
        "--device", "cpu"]  # 8 images / 2 ranks / batch 2: 2 steps per epoch
 
 
@@ -32,12 +33,14 @@ def _train_worker(rank, world, port, out_dir):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        args = parse_args(SYN + ["--epoch", "2", "--max-steps", "3", "--score-threshold", "0", "--contrast-start-epoch",
-                                 "1", "--check-bank-every", "1", "--save-every", "1", "--out", out_dir])
+        args = parse_args(SYN + ["--epoch", "2", "--max-steps", "3", "--score-threshold", "0",
+                                 "--contrast-start-epoch", "1", "--check-bank-every", "1",
+                                 "--save-every", "1", "--out", out_dir])
         trainer = Trainer(args)
         trainer.fit()
         model = trainer.model
-        torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({k: v.clone() for k, v in model.state_dict().items()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
         # a drifted bank on one rank stops every rank with an error naming the step
         if rank == 1:
             model.bank.bank[0, 0, 0] += 1e-3
@@ -93,7 +96,8 @@ def test_two_gloo_ranks_train_with_identical_banks(tmp_path):
 @pytest.mark.slow  # torchrun + 2 workers: ~25 s on 2 busy cores
 def test_torchrun_cli(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          "2",
                           "-m", "rca_fast.train"] + SYN + ["--max-steps", "3", "--check-bank-every", "1",
                                                           "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, env=env)
@@ -104,7 +108,8 @@ def test_torchrun_cli(tmp_path):
 
 def _torchrun(extra, out):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          "2",
                           "-m", "rca_fast.train"] + SYN + extra + ["--out", str(out)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]

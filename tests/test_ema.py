@@ -23,7 +23,8 @@ def run_both(bank, ptr, emb, target, gamma):
 def assert_bitwise(got_bank, got_ptr, want_bank, want_ptr):
     assert got_bank.dtype == want_bank.dtype
     assert torch.equal(got_ptr, want_ptr)
-    assert torch.equal(got_bank, want_bank), f"max diff {(got_bank.double() - want_bank.double()).abs().max()}"
+    assert torch.equal(got_bank,
+                       want_bank), f"max diff {(got_bank.double() - want_bank.double()).abs().max()}"
 
 
 # (L, S, D, N): repeated classes, wrap-around (random start pointers), more rows of one class than

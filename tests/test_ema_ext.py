@@ -76,7 +76,8 @@ def test_rows_that_are_views_of_the_bank(device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("emb_dtype", [torch.bfloat16, torch.float64, torch.float16], ids=["bf16", "f64", "f16"])
+@pytest.mark.parametrize("emb_dtype", [torch.bfloat16, torch.float64, torch.float16],
+                         ids=["bf16", "f64", "f16"])
 def test_emb_of_another_dtype(emb_dtype, device, gen):
     bank, ptr, emb, target = make_inputs((3, 4, 60, 11), gen, torch.float32, emb_dtype, device)
     want_bank, want_ptr = expected(bank, ptr, emb, target, 0.99)

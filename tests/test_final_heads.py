@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rca_fast.model import RCAModel
-from rca_fast.model.heads import (FINAL_HEAD_AUTO, FINAL_HEAD_IMPLS, PerClassCAMHead,
-                                  resolve_final_head_impl)
+from rca_fast.model.heads import FINAL_HEAD_AUTO, FINAL_HEAD_IMPLS, PerClassCAMHead, resolve_final_head_impl
 
 pytestmark = pytest.mark.filterwarnings("ignore:rca_fast. the compiled extension:RuntimeWarning")
 

@@ -16,7 +16,11 @@ def test_launchers_choose_the_configs_of_the_table():
     written = fixed_rule.read_table()
     chosen = fixed_rule.rule_rows({name: _shape(name) for name in SHAPE_NAMES})
     assert len(written) > 300
-    diff = list(difflib.unified_diff(written, chosen, "kernels/fixed_rule_table.md", "the launchers", lineterm="", n=0))
+    diff = list(
+        difflib.unified_diff(
+            written, chosen, "kernels/fixed_rule_table.md", "the launchers", lineterm="", n=0
+        )
+    )
     assert not diff, "the launchers' fixed rule differs from the table:\n" + "\n".join(diff[:40])
 
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                      "gpu_check.sh")
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
@@ -105,7 +106,8 @@ def test_gpu_tests_step_runs_without_scikit_learn(tmp_path):
     (blocker / "__init__.py").write_text("raise ImportError('scikit-learn is not installed (test)')\n")
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, OUT=str(out), PYTHONPATH=str(blocker.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OUT=str(out),
+               PYTHONPATH=str(blocker.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     repo = os.path.dirname(os.path.dirname(SCRIPT))
     proc = subprocess.run(["bash", "-c", cmd], cwd=repo, capture_output=True, text=True, timeout=300, env=env)
     text = proc.stdout + proc.stderr

@@ -11,18 +11,18 @@ import torch
 from PIL import Image
 
 from oracles import cam_label_oracle, cam_oracle, iou_oracle
-from rca_fast import evaluate as evaluate_mod
-from rca_fast import infer as infer_mod
+from rca_fast import evaluate as evaluate_mod, infer as infer_mod
 from rca_fast.data import DataFileError
 from rca_fast.data.synthetic import SyntheticShapes, export_voc
-from rca_fast.train import build_model
+from rca_fast.model.config import build_model
 from rca_fast.train import main as train_main
 from rca_fast.utils.cams import normalise_cams
 from rca_fast.utils.checkpoint import load_checkpoint
 from rca_fast.utils.metrics import CamSweepMeter, ConfusionMeter, cam_to_label
 from rca_fast.utils.palette import save_label_png
 
-TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "8", "--prototypes", "2",
+TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "8", "--prototypes",
+        "2",
         "--no-progress", "--threads", "1"]
 
 
@@ -129,7 +129,8 @@ def test_evaluate_npy_sweep_cli(tmp_path, gen):
     (tmp_path / "list.txt").write_text("a 0 2\nb 0 2\n")
     out = tmp_path / "ev"
     # the infer output folder (cams/ inside) is accepted as --pred
-    evaluate_mod.main(["--pred", str(tmp_path), "--gt", str(tmp_path / "gt"), "--list", str(tmp_path / "list.txt"),
+    evaluate_mod.main(["--pred", str(tmp_path), "--gt", str(tmp_path / "gt"), "--list",
+                       str(tmp_path / "list.txt"),
                        "--num-classes", str(L + 1), "--out", str(out), "--no-progress"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["thresholds"]) == 61 and metrics["thresholds"][-1] == 0.6
@@ -188,7 +189,8 @@ def test_infer_synthetic_then_evaluate(synthetic_checkpoint, tmp_path):
         assert (out / "overlays" / f"{name}.jpg").is_file()
     ev = tmp_path / "ev"
     metrics = evaluate_mod.main(["--pred", str(out / "cams"), "--gt", str(out / "gt"), "--list",
-                                 str(out / "list.txt"), "--num-classes", "5", "--out", str(ev), "--no-progress"])
+                                 str(out / "list.txt"), "--num-classes", "5", "--out", str(ev),
+                                 "--no-progress"])
     images = []
     for i, name in enumerate(ds.names):
         data = np.load(out / "cams" / f"{name}.npy", allow_pickle=True).item()
@@ -222,7 +224,8 @@ def test_infer_cams_match_a_multiscale_flip_loop(synthetic_checkpoint, tmp_path)
     out, t, margin = tmp_path / "inf", 0.3, 0.1
     scales = (1.0, 0.5, 1.5)
     infer_mod.main(["--checkpoint", str(synthetic_checkpoint), "--out", str(out), "--scales", "1.0,0.5,1.5",
-                    "--bg-threshold", str(t), "--ignore-margin", str(margin), "--no-progress", "--device", "cpu",
+                    "--bg-threshold", str(t), "--ignore-margin", str(margin), "--no-progress", "--device",
+                    "cpu",
                     "--threads", "1"])
     state = load_checkpoint(str(synthetic_checkpoint))
     model = build_model(state["model_config"])
@@ -274,7 +277,8 @@ def test_infer_voc_folder(tmp_path):
     root = tmp_path / "voc"
     export_voc(str(root), train=6, val=3, num_classes=3, image_size=32, seed=4)
     run = tmp_path / "run"
-    train_main(TINY + ["--dataset", "voc", "--data-root", str(root), "--backbone", "tiny", "--num_classes", "3",
+    train_main(TINY + ["--dataset", "voc", "--data-root", str(root), "--backbone", "tiny", "--num_classes",
+                       "3",
                        "--num_workers", "0", "--max-steps", "1", "--out", str(run)])
     names = [l.split()[0] for l in (root / "val_cls.txt").read_text().splitlines()]
     tags = {n: np.zeros(3, np.float32) for n in names}
@@ -316,7 +320,8 @@ def test_infer_voc_folder(tmp_path):
         assert abs(metrics["miou"] - want) < 1e-9, kind
     with pytest.raises(DataFileError, match=r"JPEGImages[/\\]ghost\.jpg"):
         (tmp_path / "ghost.txt").write_text("ghost 0\n")
-        infer_mod.main(["--checkpoint", str(run / "checkpoint.pt"), "--dataset", "voc", "--data-root", str(root),
+        infer_mod.main(["--checkpoint", str(run / "checkpoint.pt"), "--dataset", "voc", "--data-root",
+                        str(root),
                         "--list", str(tmp_path / "ghost.txt"), "--out", str(out), "--no-progress"])
     with pytest.raises(FileNotFoundError, match="no_such.pt"):
         infer_mod.main(["--checkpoint", str(tmp_path / "no_such.pt"), "--out", str(out)])

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 from rca_fast.kernels import compile_specs, launch_rule  # noqa: E402
 from rca_fast.kernels.attention import backward as attention_bwd, forward as attention  # noqa: E402
-from rca_fast.kernels.map import backward as kmap_bwd, forward as kmap, tiles as kmap_tiles  # noqa: E402
+from rca_fast.kernels.map import forward as kmap, tiles as kmap_tiles  # noqa: E402
 from rca_fast.kernels.nce import backward as nce_bwd, forward as nce  # noqa: E402
 from rca_fast.kernels.nce.tiles import dot_mode  # noqa: E402
 
@@ -65,7 +65,8 @@ def test_same_config_for_the_same_shapes_in_two_processes():
     # and the same as in this process (the launchers call exactly these functions)
     for q_name, q in DTYPES.items():
         assert first[f"nce_bwd {q}"] == json.loads(json.dumps(nce_bwd.bwd_launch_config(q)))
-        assert first[f"attn {q} 200 512"] == json.loads(json.dumps(attention.fwd_launch_blocks(q, 200, 512, 512)))
+        assert first[f"attn {q} 200 512"] == json.loads(json.dumps(attention.fwd_launch_blocks(q, 200, 512,
+                                                                                               512)))
 
 
 def test_autotune_only_on_request(monkeypatch):
@@ -107,7 +108,9 @@ def test_compile_check_covers_every_config_the_rule_picks(mode, shape_name):
         for has_labels in (True, False):
             slots = kmap_tiles.slots_per_pass(True, has_labels, shape["L"])
             c = kmap._fwd_configs(slots, False)[0]
-            assert has("map_fwd", dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg))
+            assert has(
+                "map_fwd", dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
+            )
 
 
 def test_no_launchable_config_list_holds_the_spilling_tiles():

@@ -7,10 +7,12 @@ import torch
 from sklearn.cluster import KMeans
 
 import oracles
-from oracles import blobs, numpy_seed
-from oracles import torch_backend_unless_forced  # noqa: F401  (autouse: torch backend)
+from oracles import (
+    blobs,
+    numpy_seed,
+    torch_backend_unless_forced,  # noqa: F401  (autouse: torch backend)
+)
 from rca_fast import ops
-
 
 # (L, S, D, K, blob centres): several problems at once, odd S and D.
 # K equals the number of blobs: with K < blobs the optimum (which two blobs to merge) is a coin
@@ -66,7 +68,8 @@ def record_lloyd(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("init,tol", [("k-means++", 1e-4), ("random", 3e-3), ("k-means++", 0.0), ("random", 0.0)],
+@pytest.mark.parametrize("init,tol",
+                         [("k-means++", 1e-4), ("random", 3e-3), ("k-means++", 0.0), ("random", 0.0)],
                          ids=["kmeans++-tol1e-4", "random-tol3e-3", "kmeans++-tol0", "random-tol0"])
 def test_lloyd_iterations_and_stop_rule_match_a_float64_loop(init, tol, monkeypatch, gen):
     """From the op's own initial centres, the centroids and the number of Lloyd iterations equal a
@@ -136,8 +139,9 @@ def test_stop_rule_divides_the_summed_variance_by_the_features(monkeypatch, gen)
     centroids, _, _ = ops.kmeans(points, K, seed=seed, tol=tol)
     want, _, n_iter = oracles.lloyd(pts, init, 100, tol)
     assert n_iter == by_mean
-    assert len(calls) - 1 == by_mean, (f"{len(calls) - 1} Lloyd iterations; the mean rule stops after {by_mean}, "
-                                       f"the sum rule after {by_sum}")
+    assert len(calls) - 1 == by_mean, (
+        f"{len(calls) - 1} Lloyd iterations; the mean rule stops after {by_mean}, the sum rule after {by_sum}"
+    )
     torch.testing.assert_close(centroids[0], torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-9)
 
 

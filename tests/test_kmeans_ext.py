@@ -15,8 +15,10 @@ pytest.importorskip("rca_fast._C", reason="the extension rca_fast._C is not buil
 
 import oracles  # noqa: E402
 from oracles import blobs, numpy_seed  # noqa: E402
-from rca_fast import _ext  # noqa: E402,F401  (registers the fake kernels: the compile test alone failed without)
-from rca_fast import ops  # noqa: E402
+from rca_fast import (
+    _ext,  # noqa: E402,F401  (registers the fake kernels: the compile test alone failed without)
+    ops,  # noqa: E402
+)
 from rca_fast.ops import _dispatch  # noqa: E402
 
 ref_kmeans = importlib.import_module("rca_fast.ref.kmeans").kmeans
@@ -184,7 +186,8 @@ def test_lloyd_iterations_match_a_float64_loop(tol, device, monkeypatch, gen):
     centroids, _, _ = ops.kmeans(points.to(device), K, seed=seed, init="k-means++", tol=tol)
     for l, (want, _, n_iter) in enumerate(runs):
         assert n_iter > 2
-        torch.testing.assert_close(centroids[l].cpu(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-9)
+        torch.testing.assert_close(centroids[l].cpu(), torch.tensor(want, dtype=torch.float64), rtol=0,
+                                   atol=1e-9)
 
 
 @pytest.mark.parametrize("device", DEVICES)

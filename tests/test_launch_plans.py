@@ -90,8 +90,9 @@ def test_capture_launches_nothing_and_allocates_nothing():
     """Plans are recorded, not run; a fake tensor of 2**33 elements costs nothing."""
     with FakeTensorMode(), launch_rule.capturing(132) as plans:
         huge = _cuda(2 ** 21, 4096, dtype=torch.bfloat16)
-        attn.attention_forward(huge, _cuda(200, 4096, dtype=torch.bfloat16), _cuda(200, 4096, dtype=torch.bfloat16),
-                               0.1)
+        attn.attention_forward(
+            huge, _cuda(200, 4096, dtype=torch.bfloat16), _cuda(200, 4096, dtype=torch.bfloat16), 0.1
+        )
     assert [p.name for p in plans] == ["attn_fwd"]
     assert plans[0].fixed is plans[0].configs()[0]
 

@@ -42,7 +42,8 @@ def test_rca_loss_against_hand_computation(B, L, epoch, coarse_w, contrast_w, st
     contrast = float(out.contrast_loss.detach())
     want = cls + coarse_w * coarse + (contrast_w * contrast if epoch >= start else 0.0)
     assert math.isclose(float(total.detach()), want, rel_tol=1e-10)
-    assert parts == pytest.approx({"loss": want, "cls": cls, "coarse_cls": coarse, "contrast": contrast}, rel=1e-10)
+    assert parts == pytest.approx({"loss": want, "cls": cls, "coarse_cls": coarse, "contrast": contrast},
+                                  rel=1e-10)
     total.backward()
     # the contrast term gets its weight as gradient only once it is switched on
     assert float(out.contrast_loss.grad or 0.0) == (contrast_w if epoch >= start else 0.0)
@@ -58,7 +59,8 @@ def test_rca_loss_without_contrast(gen):
 
 def test_rca_loss_bad_inputs(gen):
     out = make_output(2, 3, gen)
-    with pytest.raises(ValueError, match=r"labels must have the shape \(B, L\) = \(2, 3\) of out.logits, got \(2, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"labels must have the shape \(B, L\) = \(2, 3\) of out.logits, got \(2, 4\)"):
         rca_loss(out, torch.zeros(2, 4), 1)
     with pytest.raises(TypeError, match="epoch must be an int"):
         rca_loss(out, torch.zeros(2, 3), 1.5)

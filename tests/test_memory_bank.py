@@ -75,7 +75,8 @@ def test_refresh_prototypes_clusters_each_class(gen):
     """Each class's prototypes are a k-means solution of its slots: within 1% of scikit-learn's
     best-of-10 inertia on blob-structured slots (with n_init=10 passed through to kmeans)."""
     L, S, D, K = 3, 60, 13, 5
-    slots = [make_blobs(n_samples=S, n_features=D, centers=K, random_state=numpy_seed(gen))[0] for _ in range(L)]
+    slots = [make_blobs(n_samples=S, n_features=D, centers=K,
+                        random_state=numpy_seed(gen))[0] for _ in range(L)]
     memory = MemoryBank(L, S, D, prototypes=K)
     memory.bank.copy_(torch.from_numpy(np.stack(slots)))
     seed = numpy_seed(gen)
@@ -190,7 +191,8 @@ def test_constructor_bad_arguments(kwargs, name):
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(gamma="0.99"), "gamma"), (dict(gamma=None), "gamma"), (dict(score_threshold="0.7"), "score_threshold"),
+    (dict(gamma="0.99"), "gamma"), (dict(gamma=None), "gamma"),
+    (dict(score_threshold="0.7"), "score_threshold"),
 ], ids=["gamma-str", "gamma-none", "score_threshold-str"])
 def test_constructor_non_numbers(kwargs, name):
     with pytest.raises(TypeError, match=rf"\b{name}\b"):

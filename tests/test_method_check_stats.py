@@ -14,10 +14,13 @@ def test_paired_difference_against_hand_computation(gen):
     seeds = list(range(7))
     base = torch.rand(len(seeds), generator=gen, dtype=torch.float64).tolist()
     var = torch.rand(len(seeds), generator=gen, dtype=torch.float64).tolist()
-    rows = [{"regime": "scratch", "variant": "baseline", "seed": s, "final_miou": b} for s, b in zip(seeds, base)]
-    rows += [{"regime": "scratch", "variant": "public RCA", "seed": s, "final_miou": v} for s, v in zip(seeds, var)]
+    rows = [{"regime": "scratch", "variant": "baseline", "seed": s, "final_miou": b} for s,
+            b in zip(seeds, base)]
+    rows += [{"regime": "scratch", "variant": "public RCA", "seed": s, "final_miou": v} for s,
+             v in zip(seeds, var)]
     rows.append({"regime": "scratch", "variant": "public RCA", "seed": 99, "final_miou": 5.0})   # no baseline
-    rows.append({"regime": "pretrained", "variant": "baseline", "seed": 0, "final_miou": -3.0})  # other regime
+    # other regime
+    rows.append({"regime": "pretrained", "variant": "baseline", "seed": 0, "final_miou": -3.0})
     got = method_check.paired(rows, "scratch", "public RCA", "final_miou")
     d = [v - b for v, b in zip(var, base)]
     mean = sum(d) / len(d)

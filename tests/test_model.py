@@ -67,7 +67,8 @@ def oracle_contrast(rows, bank, B, tau, partner=None, weight=None):
             continue
         w, p = float(weight[i]), int(partner[i])
         mixed = w * q + (1 - w) * rows[p][3]
-        per_image[b].append(w * oracle_nce(mixed, bank, l, tau) + (1 - w) * oracle_nce(mixed, bank, rows[p][1], tau))
+        per_image[b].append(w * oracle_nce(mixed, bank, l, tau) + (1 - w) * oracle_nce(mixed, bank,
+                                                                                       rows[p][1], tau))
     return sum(sum(v) / len(v) for v in per_image if v)
 
 
@@ -255,7 +256,8 @@ def test_draw_mixup_distribution(gen):
     counts = torch.bincount(partner, minlength=big.shape[0]).double() / n
     per_row_mass = {0: 1 / 3, 1: 1 / 9, 2: 1 / 9, 3: 1 / 9}
     for row, mass in per_row_mass.items():
-        assert abs(float(counts[row]) - mass) < 5 * math.sqrt(mass * (1 - mass) / n), (row, float(counts[row]))
+        assert abs(float(counts[row]) - mass) < 5 * math.sqrt(mass * (1 - mass) / n), (row,
+                                                                                       float(counts[row]))
     assert abs(float(counts[4:].sum()) - 1 / 3) < 5 * math.sqrt(2 / 9 / n)
     # Beta(8, 8): mean 1/2, variance 1/68
     assert abs(float(weight.double().mean()) - 0.5) < 5 * math.sqrt(1 / 68 / n)
@@ -384,7 +386,8 @@ def test_pretrained_round_trip_and_errors(tmp_path, gen):
     missing = tmp_path / "nowhere" / "weights.pth"
     with pytest.raises(FileNotFoundError, match=str(missing).replace("\\", "\\\\")):
         RCAModel(3, backbone="tiny", pretrained=str(missing))
-    with pytest.raises(ValueError, match="missing keys: .*features.10.weight.*; unexpected keys: .*features.4.weight"):
+    with pytest.raises(ValueError,
+                       match="missing keys: .*features.10.weight.*; unexpected keys: .*features.4.weight"):
         load_pretrained(RCAModel(3, backbone="vgg16", bank_slots=2, prototypes=1).backbone, str(path))
     bad = source.backbone.state_dict()
     bad["features.2.weight"] = bad["features.2.weight"][:, :5]
@@ -410,7 +413,8 @@ def test_param_groups(backbone, attention_scale):
     assert len(seen) == len(list(model.parameters()))
     aggregation = 0
     for name, p in model.named_parameters():
-        extra = name.split(".")[0] in ("coarse_head", "final_head", "projector") or name.startswith("backbone.reduce.")
+        extra = name.split(".")[0] in ("coarse_head", "final_head",
+                                       "projector") or name.startswith("backbone.reduce.")
         aggregation += name.startswith("aggregation.")
         bias = name.endswith(".bias")
         lr = 1e-3 * {(False, False): 1, (False, True): 2, (True, False): 10, (True, True): 20}[(extra, bias)]

@@ -19,11 +19,15 @@ def keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("backbone,weights", [("vgg16", "vgg16-397923af.pth"), ("resnet50", "resnet50-0676ba61.pth")])
+@pytest.mark.parametrize(
+    "backbone,weights", [("vgg16", "vgg16-397923af.pth"), ("resnet50", "resnet50-0676ba61.pth")]
+)
 def test_big_backbone_without_weights_stops_naming_the_way_out(tmp_path, backbone, weights):
     with pytest.raises(ValueError, match=r"--backbone " + backbone + r" needs --pretrained") as err:
         # one step, one epoch: with the check gone this trains a random network briefly and fails here
-        main(SMALL + ["--backbone", backbone, "--epoch", "1", "--max-steps", "1", "--out", str(tmp_path / "a")])
+        main(
+            SMALL + ["--backbone", backbone, "--epoch", "1", "--max-steps", "1", "--out", str(tmp_path / "a")]
+        )
     assert weights in str(err.value) and "--pretrained none" in str(err.value)
     assert not (tmp_path / "a" / "checkpoint.pt").exists()
 
@@ -33,4 +37,6 @@ def test_pretrained_none_trains_from_scratch_on_purpose(tmp_path):
     assert args.pretrained is None and args.from_scratch
     trainer = Trainer(args)  # builds: a randomly initialised VGG16, as asked
     assert trainer.model.backbone is not None
-    assert not parse_args(SMALL).from_scratch and parse_args(SMALL).backbone == "tiny"  # synthetic: no weights needed
+    assert (
+        not parse_args(SMALL).from_scratch and parse_args(SMALL).backbone == "tiny"
+    )  # synthetic: no weights needed

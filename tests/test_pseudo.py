@@ -298,7 +298,10 @@ def test_image_whose_only_non_background_pixels_are_ignored_becomes_all_ignore(g
     conflict over a block) but no object pixel at all is all 255, not background + 255."""
     h, w = 21, 27
     maps = np.zeros((2, h, w), np.uint8)
-    y, x = int(torch.randint(0, h - 5, (1,), generator=gen)), int(torch.randint(0, w - 6, (1,), generator=gen))
+    y, x = (
+        int(torch.randint(0, h - 5, (1,), generator=gen)),
+        int(torch.randint(0, w - 6, (1,), generator=gen)),
+    )
     block = (torch.rand(2, 5, 6, generator=gen) * 15 + 240).round().to(torch.uint8).numpy()
     maps[:, y:y + 5, x:x + 6] = block        # both scaled > 0.9 there: a conflict, 30 px = 5% of the image
     want = rules_loop(maps, [0, 3], 4, None)
@@ -330,7 +333,9 @@ def test_program_par_defaults_are_the_documented_ones(tmp_path, monkeypatch, gen
     monkeypatch.setattr(pseudo, "par_refine", spy)
     root = str(tmp_path)
     maps, classes, sal = hand_made(gen, h=13, w=15)
-    write_case(root, "x", (torch.rand(13, 15, 3, generator=gen) * 255).to(torch.uint8).numpy(), maps, classes, sal)
+    write_case(
+        root, "x", (torch.rand(13, 15, 3, generator=gen) * 255).to(torch.uint8).numpy(), maps, classes, sal
+    )
     pseudo.main(["--maps", f"{root}/maps", "--list", f"{root}/list.txt", "--images", f"{root}/images",
                  "--out", f"{root}/out", "--num-classes", "7", "--workers", "1", "--no-progress"])
     assert len(calls) == 1

@@ -15,8 +15,9 @@ from PIL import Image
 from rca_fast import ops
 from rca_fast.data import PublicTrainTransform, public_color_jitter, transforms
 from rca_fast.data.synthetic import export_voc
+from rca_fast.data.training import build_datasets
 from rca_fast.model import RCAModel
-from rca_fast.train import Trainer, build_datasets
+from rca_fast.train import Trainer
 from rca_fast.utils.checkpoint import load_model_state
 from rca_fast.utils.train_args import parse_args
 
@@ -163,7 +164,9 @@ def test_public_defaults_linear_aggregation_kmeans_300():
 def test_trainer_builds_the_linear_aggregation_and_runs_300_iterations(tmp_path, monkeypatch):
     """The trainer's model aggregates linearly, and its epoch-2 k-means asks ops.kmeans for 300
     iterations (n_init 10)."""
-    args = parse_args(SYN + ["--num-images", "4", "--batch_size", "4", "--epoch", "2", "--out", str(tmp_path)])
+    args = parse_args(
+        SYN + ["--num-images", "4", "--batch_size", "4", "--epoch", "2", "--out", str(tmp_path)]
+    )
     trainer = Trainer(args)
     assert trainer.model.aggregation.mode == "linear"
     calls = []

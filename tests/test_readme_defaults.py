@@ -72,7 +72,9 @@ def as_parsed(action, text):
 
 def equal(a, b):
     if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+        return (
+            isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+        )
     return a == b
 
 
@@ -118,7 +120,11 @@ def test_the_public_column_cites_the_public_code(table):
     assert not missing, f"the README table names no default for {missing}"
     for flag, public in PUBLIC_CODE.items():
         text, (point, pub_cell, our_cell) = first[flag]
-        assert cites(pub_cell, public), f"row {point!r}: the public cell does not cite {flag}'s {public!r}: {pub_cell}"
+        assert cites(pub_cell, public), (
+            f"row {point!r}: the public cell does not cite {flag}'s {public!r}: {pub_cell}"
+        )
         if our_cell.lower().startswith("same"):
             ours = as_parsed(parser._option_string_actions[flag], text)
-            assert equal(ours, public), f"row {point!r} says 'same' but {flag}={text}, the public code's is {public!r}"
+            assert equal(ours, public), (
+                f"row {point!r} says 'same' but {flag}={text}, the public code's is {public!r}"
+            )

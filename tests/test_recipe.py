@@ -12,7 +12,8 @@ from rca_fast.model.memory_bank import MemoryBank, lloyd
 from rca_fast.train import Trainer
 from rca_fast.utils.train_args import RECIPES, parse_args
 
-SYN = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes", "2",
+SYN = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes",
+       "2",
        "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "8", "--val-images", "0",
        "--device", "cpu"]
 
@@ -31,7 +32,8 @@ def test_contrast_starts_at_the_third_epoch(gen):
     logits = torch.randn(B, L, generator=gen, dtype=torch.float64)
     from rca_fast.model import RCAOutput
     contrast = torch.tensor(2.5, dtype=torch.float64)
-    out = RCAOutput(logits, torch.zeros(B, L, 1, 1), logits.clone(), torch.zeros(B, L, 1, 1), contrast_loss=contrast)
+    out = RCAOutput(logits, torch.zeros(B, L, 1, 1), logits.clone(), torch.zeros(B, L, 1, 1),
+                    contrast_loss=contrast)
     labels = (torch.rand(B, L, generator=gen) < 0.5).double()
     without = rca_loss(out, labels, 1)[0]
     for epoch_0based in range(5):  # the public code's `if current_epoch >= 2: loss += 0.01 * contrast`
@@ -53,7 +55,8 @@ def test_bank_write_is_gated_by_the_final_head(gen):
         b, c = int(out.region_image[i]), int(out.bank_target[i])
         want = 1 / (1 + math.exp(-float(out.cams[b, c].detach().double().mean())))
         assert math.isclose(float(out.bank_score[i]), want, rel_tol=1e-5, abs_tol=1e-7)
-        assert not math.isclose(float(out.bank_score[i]), float(torch.sigmoid(out.coarse_logits[b, c].detach())),
+        assert not math.isclose(float(out.bank_score[i]),
+                                float(torch.sigmoid(out.coarse_logits[b, c].detach())),
                                 rel_tol=1e-4)
 
 
@@ -125,12 +128,14 @@ def test_lloyd_warm_start(gen):
     start = points[:, :K].clone()
     c = lloyd(points, start, iters=200, tol=0.0)
     for l in range(L):
-        nearest = [min(range(K), key=lambda k: float(((points[l, s] - c[l, k]) ** 2).sum())) for s in range(S)]
+        nearest = [min(range(K),
+                       key=lambda k: float(((points[l, s] - c[l, k]) ** 2).sum())) for s in range(S)]
         for k in range(K):
             members = [points[l, s] for s in range(S) if nearest[s] == k]
             if members:
                 torch.testing.assert_close(c[l, k], sum(members) / len(members))
-    inertia = lambda cc: float(torch.cdist(points, cc).min(-1).values.pow(2).sum())
+    def inertia(cc):
+        return float(torch.cdist(points, cc).min(-1).values.pow(2).sum())
     assert inertia(c) <= inertia(start) + 1e-9
     bank = MemoryBank(L, S, D, prototypes=K, kmeans_warm_start=True, dtype=torch.float64)
     bank.bank.copy_(points)

@@ -32,9 +32,26 @@ def tiny_set(tmp_path_factory):
 
 
 def seg_argv(root, out, *extra):
-    return ["--dataset", "synthetic", "--images", f"{root}/JPEGImages", "--labels", f"{root}/SegmentationClass",
-            "--train_list", f"{root}/train_cls.txt", "--out", str(out), "--crop-size", "32", "--batch-size", "4",
-            "--no-progress", "--threads", "1", *extra]
+    return [
+        "--dataset",
+        "synthetic",
+        "--images",
+        f"{root}/JPEGImages",
+        "--labels",
+        f"{root}/SegmentationClass",
+        "--train_list",
+        f"{root}/train_cls.txt",
+        "--out",
+        str(out),
+        "--crop-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -72,7 +89,9 @@ def test_segmentation_loss_ignores_255_against_pixel_loop():
 # ------------------------------------------------------------------------------------ schedule
 def test_poly_schedule_and_lr_multipliers_match_the_formula(tiny_set, tmp_path):
     steps = 5
-    args = parse_args(seg_argv(tiny_set, tmp_path / "o", "--steps", str(steps), "--lr", "0.03", "--save-every", "0"))
+    args = parse_args(
+        seg_argv(tiny_set, tmp_path / "o", "--steps", str(steps), "--lr", "0.03", "--save-every", "0")
+    )
     trainer = SegTrainer(args)
     # the tiny net has no pretrained part; make its classifier a "new" layer to see the 10x group
     trainer.model.new_modules = lambda: [trainer.model.classifier]
@@ -148,14 +167,23 @@ def test_augmented_items_keep_image_and_label_aligned(tmp_path):
     (tmp_path / "lab").mkdir()
     names = []
     for k in range(3):
-        label = np.kron(rng.integers(0, 7, (6, 5)), np.ones((4, 4), np.int64)).astype(np.uint8)   # 24 x 20
-        image = np.stack([30 * label + 20, rng.integers(0, 255) + 0 * label, 100 + 0 * label], -1).astype(np.uint8)
+        label = np.kron(rng.integers(0, 7, (6, 5)), np.ones((4, 4), np.int64)).astype(np.uint8)  # 24 x 20
+        image = np.stack([30 * label + 20, rng.integers(0, 255) + 0 * label, 100 + 0 * label], -1).astype(
+            np.uint8
+        )
         Image.fromarray(image).save(tmp_path / "img" / f"im{k}.png")
         save_label_png(str(tmp_path / "lab" / f"im{k}.png"), label)
         names.append(f"im{k}")
     (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
-    ds = SegmentationPairs(str(tmp_path / "list.txt"), str(tmp_path / "img"), str(tmp_path / "lab"), 7, train=True,
-                           crop_size=22, scale_range=(0.8, 1.6))
+    ds = SegmentationPairs(
+        str(tmp_path / "list.txt"),
+        str(tmp_path / "img"),
+        str(tmp_path / "lab"),
+        7,
+        train=True,
+        crop_size=22,
+        scale_range=(0.8, 1.6),
+    )
     std, mean = torch.tensor([0.229, 0.224, 0.225]), torch.tensor([0.485, 0.456, 0.406])
     checked = 0
     for index in range(3):
@@ -260,8 +288,14 @@ def test_deeplabv2_is_a_stride_8_resnet101_with_torchvision_names(tmp_path):
 
 def test_segment_imports_no_other_program():
     """DESIGN §4: no program imports another program (train, infer, evaluate, pseudo, pretrain, profile)."""
-    programs = ("rca_fast.train", "rca_fast.infer", "rca_fast.evaluate", "rca_fast.pseudo", "rca_fast.pretrain",
-                "rca_fast.profile")
+    programs = (
+        "rca_fast.train",
+        "rca_fast.infer",
+        "rca_fast.evaluate",
+        "rca_fast.pseudo",
+        "rca_fast.pretrain",
+        "rca_fast.profile",
+    )
     for path in glob.glob(os.path.join(ROOT, "rca_fast", "segment", "*.py")):
         imported = []
         for node in ast.walk(ast.parse(open(path).read())):

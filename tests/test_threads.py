@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from rca_fast.train import cpu_threads
+from rca_fast.utils.threads import cpu_threads
 
 
 def test_default_threads_ignore_the_load(monkeypatch):

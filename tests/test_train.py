@@ -10,11 +10,13 @@ import torch
 
 from oracles import cam_label_oracle, cam_oracle, iou_oracle
 from rca_fast.data.synthetic import SyntheticShapes, export_voc
-from rca_fast.train import Trainer, build_model, main
+from rca_fast.model.config import build_model
+from rca_fast.train import Trainer, main
 from rca_fast.utils.checkpoint import load_checkpoint
 from rca_fast.utils.train_args import parse_args
 
-TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes", "2",
+TINY = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes",
+        "2",
         "--no-progress", "--threads", "1", "--num_classes", "3"]
 SYN = TINY + ["--num-images", "8", "--val-images", "3"]  # 2 steps per epoch
 
@@ -72,7 +74,8 @@ def check_cam_miou(state, saved):
 def test_bank_rows_reach_the_bank_and_never_require_grad(tmp_path):
     """Score threshold -1 lets every region row through: the ring pointers advance by exactly the
     rows the trainer reports, and the bank stays a buffer."""
-    args = parse_args(SYN + ["--epoch", "2", "--score-threshold", "-1", "--bank-slots", "32", "--out", str(tmp_path)])
+    args = parse_args(SYN + ["--epoch", "2", "--score-threshold", "-1", "--bank-slots", "32", "--out",
+                             str(tmp_path)])
     trainer = Trainer(args)
     before = trainer.model.bank.bank.clone()
     rows = 0
@@ -131,7 +134,8 @@ def test_step_reads_no_labels_back_from_the_device(tmp_path, monkeypatch):
 
 
 def test_lr_schedule_follows_decay_points(tmp_path):
-    args = parse_args(SYN + ["--epoch", "4", "--lr", "0.003", "--decay_points", "1,3", "--out", str(tmp_path)])
+    args = parse_args(SYN + ["--epoch", "4", "--lr", "0.003", "--decay_points", "1,3", "--out",
+                             str(tmp_path)])
     trainer = Trainer(args)
     for epoch in range(1, 5):
         factor = 1.0
@@ -169,7 +173,8 @@ def test_resume_continues_a_partial_epoch(tmp_path):
 def test_resume_rejects_a_different_model(tmp_path):
     main(SYN + ["--max-steps", "1", "--val-images", "0", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="bank_slots"):
-        main(SYN + ["--bank-slots", "8", "--resume", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "x")])
+        main(SYN + ["--bank-slots", "8", "--resume", str(tmp_path / "checkpoint.pt"), "--out",
+                    str(tmp_path / "x")])
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         main(SYN + ["--resume", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "y")])
 
@@ -214,7 +219,8 @@ def test_public_command_line_without_dataset_trains_on_the_given_data(tmp_path):
 
 def test_bad_paths_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere[/\\]train_cls\.txt"):
-        main(TINY + ["--dataset", "voc", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+        main(TINY + ["--dataset", "voc", "--data-root", str(tmp_path / "nowhere"), "--out",
+                     str(tmp_path / "o")])
     root = tmp_path / "voc"
     export_voc(str(root), train=4, val=0, num_classes=3, image_size=32, seed=0)
     (root / "ghost.txt").write_text("syn_train_00000 1\nghost 0\n")
@@ -226,11 +232,13 @@ def test_bad_paths_name_the_file(tmp_path):
 def test_cli_entry_point(tmp_path):
     """``python -m rca_fast.train`` runs as a program and reports the CAM mIoU; bad flags exit 2."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "rca_fast.train"] + SYN + ["--max-steps", "1", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, "-m", "rca_fast.train"] + SYN + ["--max-steps", "1", "--out",
+                                                                           str(tmp_path)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     assert "CAM mIoU" in res.stdout
     bad = subprocess.run([sys.executable, "-m", "rca_fast.train", "--dataset", "voc", "--data-root",
-                          str(tmp_path / "none"), "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                          str(tmp_path / "none"), "--out", str(tmp_path / "x")], capture_output=True,
+                          text=True,
                          timeout=300, env=env)
     assert bad.returncode == 2 and "train_cls.txt" in bad.stderr

@@ -6,7 +6,8 @@ from rca_fast.train import Trainer
 from rca_fast.utils.checkpoint import load_checkpoint
 from rca_fast.utils.train_args import parse_args
 
-SYN = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes", "2",
+SYN = ["--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes",
+       "2",
        "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "8", "--val-images", "0",
        "--device", "cpu", "--score-threshold", "0", "--contrast-start-epoch", "1"]
 
@@ -24,7 +25,8 @@ def _first_batch(trainer):
 
 @pytest.mark.parametrize("bank_dtype", ["float32", "bfloat16"], ids=["bank-f32", "bank-bf16"])
 def test_amp_runs_bf16_forward_and_keeps_the_bank_dtype(tmp_path, bank_dtype):
-    trainer = Trainer(parse_args(SYN + ["--amp", "--bank-dtype", bank_dtype, "--epoch", "2", "--out", str(tmp_path)]))
+    trainer = Trainer(parse_args(SYN + ["--amp", "--bank-dtype", bank_dtype, "--epoch", "2", "--out",
+                                        str(tmp_path)]))
     want = getattr(torch, bank_dtype)
     out, loss, parts = trainer.compute_loss(_first_batch(trainer), 1)
     assert out.cams.dtype == torch.bfloat16, "the forward ran under bf16 autocast"
@@ -36,12 +38,14 @@ def test_amp_runs_bf16_forward_and_keeps_the_bank_dtype(tmp_path, bank_dtype):
     assert bank.bank.dtype == want and bank.prototypes.dtype == want
     assert int(bank.ptr.sum()) > 0 and not torch.equal(bank.bank, before["bank.bank"])
     assert trainer.model.coarse_head.classifier.weight.dtype == torch.float32  # weights stay fp32
-    assert not torch.equal(trainer.model.coarse_head.classifier.weight, before["coarse_head.classifier.weight"])
+    assert not torch.equal(trainer.model.coarse_head.classifier.weight,
+                           before["coarse_head.classifier.weight"])
     state = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert state["model"]["bank.bank"].dtype == want and state["model_config"]["bank_dtype"] == bank_dtype
 
 
-@pytest.mark.parametrize("spelling,name", [("bf16", "bfloat16"), ("fp32", "float32"), ("bfloat16", "bfloat16")])
+@pytest.mark.parametrize("spelling,name",
+                         [("bf16", "bfloat16"), ("fp32", "float32"), ("bfloat16", "bfloat16")])
 def test_bank_dtype_short_spellings(spelling, name):
     assert parse_args(SYN + ["--bank-dtype", spelling]).bank_dtype == name
 
@@ -70,7 +74,8 @@ def test_compile_runs_two_steps_and_matches_eager(tmp_path):
     assert "bank.bank" in state["model"], "the raw model's keys (no _orig_mod. prefix) are saved"
 
 
-@pytest.mark.parametrize("flag,value", [("--keep", "0"), ("--save-every", "-1"), ("--check-bank-every", "-2")])
+@pytest.mark.parametrize("flag,value",
+                         [("--keep", "0"), ("--save-every", "-1"), ("--check-bank-every", "-2")])
 def test_bad_checkpoint_flags_name_the_flag(tmp_path, flag, value):
     with pytest.raises(ValueError, match=flag):
         parse_args(SYN + [flag, value, "--out", str(tmp_path)])

@@ -51,7 +51,8 @@ def test_device_path_asserts_the_same_conditions(device_path):
     got = [ok for ok, _ in device_path]
     assert got == [True, False, False, True, False, True, False, False, False]
     assert "target entries must be in [0, 3)" in device_path[1][1]
-    assert "emb contains NaN" in device_path[4][1] and "mix_weight must lie in [0.0, 1.0]" in device_path[6][1]
+    assert "emb contains NaN" in device_path[4][1]
+    assert "mix_weight must lie in [0.0, 1.0]" in device_path[6][1]
 
 
 def test_host_path_raises_naming_the_argument(monkeypatch):

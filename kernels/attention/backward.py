@@ -20,10 +20,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (TUNE_KEY, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc, fixed_launch,
-                    kernel_meta, precision_family, scale_scores, split_scale)
 from ..launch_rule import MAXNREG, LaunchPlan, as_config, dtype_label, interpreting, launch, sm_count
 from ..precise_math import exp_precise
+from .tiles import (
+    TUNE_KEY,
+    acc_dtype,
+    cast_rne,
+    clamp_configs,
+    contract_rows,
+    dot_acc,
+    fixed_launch,
+    kernel_meta,
+    precision_family,
+    scale_scores,
+    split_scale,
+)
 
 INTERPRET_BWD_BLOCKS = dict(
     scores=dict(BLOCK_M=16, BLOCK_P=16, BLOCK_D=16, BLOCK_DV=16),
@@ -78,7 +89,9 @@ def _attn_bwd_scores_kernel(q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, pro
         s = contract_rows(q_ptr, rows64 * D, row_ok, k_ptr, keys64 * D, key_ok, D,
                           BLOCK_M, BLOCK_P, BLOCK_D, ACC_DTYPE, PRECISION, INTERP_BF16)
         # tl.where, not a product: exp() of a padded key may overflow, and inf * 0 would be NaN.
-        probs = tl.where(key_ok[None, :], exp_precise(scale_scores(s, scale_hi, scale_lo) - lse[:, None]), 0.0)
+        probs = tl.where(
+            key_ok[None, :], exp_precise(scale_scores(s, scale_hi, scale_lo) - lse[:, None]), 0.0
+        )
         d_probs = contract_rows(dout_ptr, rows64 * DV, row_ok, v_ptr, keys64 * DV, key_ok, DV,
                                 BLOCK_M, BLOCK_P, BLOCK_DV, ACC_DTYPE, PRECISION, INTERP_BF16)
         d_scores = scale_scores(probs * (d_probs - delta[:, None]), scale_hi, scale_lo)
@@ -104,7 +117,9 @@ def _rows_times_keys_tile(a_ptr, LDA, b_ptr, c_ptr, M, K, N, tile,
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = tl.load(a_ptr + rows64[:, None] * LDA + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + rows64[:, None] * LDA + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
         b = tl.load(b_ptr + ks.to(tl.int64)[:, None] * N + cols[None, :],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = dot_acc(a, b, acc, PRECISION, INTERP_BF16)
@@ -128,8 +143,12 @@ def _rows_reduce_tile(a_ptr, LDA, b_ptr, part_ptr, LDPART, M, K, N, row_begin, r
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         rows64 = rows.to(tl.int64)
-        a_t = tl.load(a_ptr + rows64[None, :] * LDA + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + rows64[:, None] * N + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        a_t = tl.load(
+            a_ptr + rows64[None, :] * LDA + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0
+        )
+        b = tl.load(
+            b_ptr + rows64[:, None] * N + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+        )
         acc = dot_acc(a_t, b, acc, PRECISION, INTERP_BF16)
     tl.store(part_ptr + ks.to(tl.int64)[:, None] * LDPART + cols[None, :], acc,
              mask=k_ok[:, None] & col_ok[None, :])
@@ -142,7 +161,8 @@ def _attn_bwd_grads_kernel(dscores_ptr, probs_ptr, q_ptr, k_ptr, dout_ptr, dq_pt
                            BLOCK_M_Q: tl.constexpr, BLOCK_P_Q: tl.constexpr, BLOCK_N_Q: tl.constexpr,
                            BLOCK_M_R: tl.constexpr, BLOCK_P_R: tl.constexpr, BLOCK_N_R: tl.constexpr):
     """Grid: [dq tiles | split 0: dk tiles, dv tiles | split 1: ... ].  dq = dscores @ k directly;
-    split s writes part[s, :, :D] = dscores[rows_s]^T @ q[rows_s], part[s, :, D:] = probs[rows_s]^T @ dO[rows_s]."""
+    split s writes part[s, :, :D] = dscores[rows_s]^T @ q[rows_s],
+    part[s, :, D:] = probs[rows_s]^T @ dO[rows_s]."""
     pid = tl.program_id(0)
     n_dq_tiles = tl.cdiv(M, BLOCK_M_Q) * tl.cdiv(D, BLOCK_N_Q)
     if pid < n_dq_tiles:
@@ -168,7 +188,9 @@ def _attn_bwd_grads_kernel(dscores_ptr, probs_ptr, q_ptr, k_ptr, dout_ptr, dq_pt
 
 
 @triton.jit(do_not_specialize=["splits"])
-def _sum_splits_kernel(part_ptr, dk_ptr, dv_ptr, splits, P, D, DV, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(
+    part_ptr, dk_ptr, dv_ptr, splits, P, D, DV, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr
+):
     """dk = sum_s part[s, :, :D], dv = sum_s part[s, :, D:], added in split order."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     n = P * (D + DV)
@@ -182,12 +204,18 @@ def _sum_splits_kernel(part_ptr, dk_ptr, dv_ptr, splits, P, D, DV, INTERP_BF16: 
     c = idx % (D + DV)
     is_dk = c < D
     tl.store(dk_ptr + p * D + c, cast_rne(total, dk_ptr.dtype.element_ty, INTERP_BF16), mask=ok & is_dk)
-    tl.store(dv_ptr + p * DV + (c - D), cast_rne(total, dv_ptr.dtype.element_ty, INTERP_BF16), mask=ok & (c >= D))
+    tl.store(
+        dv_ptr + p * DV + (c - D), cast_rne(total, dv_ptr.dtype.element_ty, INTERP_BF16), mask=ok & (c >= D)
+    )
 
 
 def _cfg(m, p, d, dv, warps, stages):
-    return triton.Config(dict(BLOCK_M=m, BLOCK_P=p, BLOCK_D=d, BLOCK_DV=dv), num_warps=warps, num_stages=stages,
-                         maxnreg=MAXNREG)
+    return triton.Config(
+        dict(BLOCK_M=m, BLOCK_P=p, BLOCK_D=d, BLOCK_DV=dv),
+        num_warps=warps,
+        num_stages=stages,
+        maxnreg=MAXNREG,
+    )
 
 
 # Launchable configs of the scores kernel per precision family (``tiles.precision_family``),
@@ -255,7 +283,9 @@ def _launch_backward(grad_out, q, k, v, out, lse, hi, lo, meta, blocks):
 
     grads_cfg = dict(GPU_GRADS_BLOCKS[family] if blocks is None else blocks["grads"])
     n_p_tiles = triton.cdiv(P, grads_cfg["BLOCK_P_R"])
-    reduce_tiles = n_p_tiles * (triton.cdiv(D, grads_cfg["BLOCK_N_R"]) + triton.cdiv(DV, grads_cfg["BLOCK_N_R"]))
+    reduce_tiles = n_p_tiles * (
+        triton.cdiv(D, grads_cfg["BLOCK_N_R"]) + triton.cdiv(DV, grads_cfg["BLOCK_N_R"])
+    )
     if "splits" in grads_cfg:      # tests: force several (ragged) row ranges at small M
         want = grads_cfg.pop("splits")
         rows_per_split = triton.cdiv(triton.cdiv(M, want), grads_cfg["BLOCK_M_R"]) * grads_cfg["BLOCK_M_R"]
@@ -271,7 +301,16 @@ def _launch_backward(grad_out, q, k, v, out, lse, hi, lo, meta, blocks):
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    launch(LaunchPlan("attn_sum_splits", _sum_splits_kernel, lambda m: (triton.cdiv(P * (D + DV), SUM_BLOCK),),
-                      (part, dk, dv, splits, P, D, DV), dict(INTERP_BF16=meta["INTERP_BF16"]),
-                      triton.Config(dict(BLOCK=SUM_BLOCK), maxnreg=MAXNREG), q.device, dtypes))
+    launch(
+        LaunchPlan(
+            "attn_sum_splits",
+            _sum_splits_kernel,
+            lambda m: (triton.cdiv(P * (D + DV), SUM_BLOCK),),
+            (part, dk, dv, splits, P, D, DV),
+            dict(INTERP_BF16=meta["INTERP_BF16"]),
+            triton.Config(dict(BLOCK=SUM_BLOCK), maxnreg=MAXNREG),
+            q.device,
+            dtypes,
+        )
+    )
     return dq, dk, dv

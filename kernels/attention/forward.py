@@ -38,11 +38,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import attention_backward
-from .tiles import (TUNE_KEY, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc, fixed_launch,
-                    kernel_meta, precision_family, scale_scores, split_scale)
 from ..launch_rule import MAXNREG, LaunchPlan, as_config, dtype_label, interpreting, launch
 from ..precise_math import div_precise, exp_precise, log_precise
+from .backward import attention_backward
+from .tiles import (
+    TUNE_KEY,
+    acc_dtype,
+    cast_rne,
+    clamp_configs,
+    contract_rows,
+    dot_acc,
+    fixed_launch,
+    kernel_meta,
+    precision_family,
+    scale_scores,
+    split_scale,
+)
 
 # Fixed small blocks for the interpreter: several D chunks, Dv tiles and P blocks already at the
 # test shapes (D=60, P=37), so every masking and looping path runs on the CPU.
@@ -91,19 +102,28 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, M, P, D, DV, scale_h
         row_sum = row_sum * rescale + tl.sum(probs, 1)
         v = tl.load(v_ptr + keys64[:, None] * DV + cols[None, :],
                     mask=key_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = dot_acc(cast_rne(probs, v.dtype, INTERP_BF16), v, acc * rescale[:, None], PRECISION, INTERP_BF16)
+        acc = dot_acc(
+            cast_rne(probs, v.dtype, INTERP_BF16), v, acc * rescale[:, None], PRECISION, INTERP_BF16
+        )
         row_max = new_max
 
-    out = div_precise(acc, row_sum[:, None])        # correctly rounded (see precise_math.py)
-    tl.store(out_ptr + rows64[:, None] * DV + cols[None, :], cast_rne(out, out_ptr.dtype.element_ty, INTERP_BF16),
-             mask=row_ok[:, None] & col_ok[None, :])
+    out = div_precise(acc, row_sum[:, None])  # correctly rounded (see precise_math.py)
+    tl.store(
+        out_ptr + rows64[:, None] * DV + cols[None, :],
+        cast_rne(out, out_ptr.dtype.element_ty, INTERP_BF16),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
     if pid_dv == 0:
         tl.store(lse_ptr + rows, row_max + log_precise(row_sum), mask=row_ok)
 
 
 def _cfg(m, p, d, dv, warps, stages):
-    return triton.Config(dict(BLOCK_M=m, BLOCK_P=p, BLOCK_D=d, BLOCK_DV=dv), num_warps=warps, num_stages=stages,
-                         maxnreg=MAXNREG)
+    return triton.Config(
+        dict(BLOCK_M=m, BLOCK_P=p, BLOCK_D=d, BLOCK_DV=dv),
+        num_warps=warps,
+        num_stages=stages,
+        maxnreg=MAXNREG,
+    )
 
 
 # Launchable configs per precision mode, each checked by the sm_90a compile check (no spills, shared
@@ -153,10 +173,20 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     else:
         candidates = clamp_configs(FWD_CONFIGS[precision_family(q.dtype)], dict(P=P, D=D, DV=DV), FWD_CAPS)
         fixed = candidates[0]
-    launch(LaunchPlan("attn_fwd", _attn_fwd_kernel,
-                      lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(DV, m["BLOCK_DV"]),),
-                      (q, k, v, out, lse, M, P, D, DV, hi, lo), kernel_meta(q.dtype, q.device), fixed, q.device,
-                      dtype_label(q), candidates, TUNE_KEY))
+    launch(
+        LaunchPlan(
+            "attn_fwd",
+            _attn_fwd_kernel,
+            lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(DV, m["BLOCK_DV"]),),
+            (q, k, v, out, lse, M, P, D, DV, hi, lo),
+            kernel_meta(q.dtype, q.device),
+            fixed,
+            q.device,
+            dtype_label(q),
+            candidates,
+            TUNE_KEY,
+        )
+    )
     return out, lse
 
 

@@ -33,9 +33,17 @@ import triton.language as tl
 
 from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch
 from ..precise_math import div_precise
-from .backward import _launch_bwd, _grad_features_like
-from .tiles import (TUNE_KEY, check_int32_extent, pow2, present_arg, present_classes, slot_classes,
-                    slots_per_pass, walkable)
+from .backward import _grad_features_like, _launch_bwd
+from .tiles import (
+    TUNE_KEY,
+    check_int32_extent,
+    pow2,
+    present_arg,
+    present_classes,
+    slot_classes,
+    slots_per_pass,
+    walkable,
+)
 
 __all__ = ["masked_average_pool"]
 

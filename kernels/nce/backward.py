@@ -28,9 +28,20 @@ import triton
 import triton.language as tl
 
 from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch, launch_options, sm_count
-from .tiles import (DOT_F32X3, NORM_EPS, S_GRANULE_GPU, S_GRANULE_INTERPRET, cdiv, check_int32_offsets,
-                    dot_acc, dot_mode, row_inv_norms, sim_tile, split_units)
 from ..precise_math import exp_precise
+from .tiles import (
+    DOT_F32X3,
+    NORM_EPS,
+    S_GRANULE_GPU,
+    S_GRANULE_INTERPRET,
+    cdiv,
+    check_int32_offsets,
+    dot_acc,
+    dot_mode,
+    row_inv_norms,
+    sim_tile,
+    split_units,
+)
 
 
 @triton.jit
@@ -188,17 +199,52 @@ def backward(grad_rows: torch.Tensor, query: torch.Tensor, bank: torch.Tensor,
     c_part = torch.empty(n_splits, N, dtype=torch.float32, device=dev)
     g = grad_rows.to(torch.float32).contiguous()
     candidates = () if interpret else BWD_CONFIGS[bwd_family(bank.dtype)]
-    launch(LaunchPlan(
-        "nce_bwd", _nce_bwd_kernel, lambda meta: (outer * n_splits,),
-        (query, bank, target, mix_target if has_mix else target,
-         mix_weight if has_mix else g, stats, g, v_part, c_part,
-         N, S, D, n_row_blocks, n_dv_blocks, n_chunks, n_units, units_per_split, s_chunk,
-         1.0 / temperature,
-         query.stride(0), query.stride(1), bank.stride(0), bank.stride(1), bank.stride(2)),
-        dict(HAS_MIX=has_mix, MODE=dot_mode(query.dtype, bank.dtype), VMODE=dot_mode(torch.float32, bank.dtype),
-             INTERPRET=interpret, BLOCK_N=block_n, BLOCK_DV=block_dv),
-        _INTERPRET_BWD_CONFIG if interpret else candidates[0], dev, dtype_label(query, bank),
-        candidates, BWD_TUNE_KEY))
+    launch(
+        LaunchPlan(
+            "nce_bwd",
+            _nce_bwd_kernel,
+            lambda meta: (outer * n_splits,),
+            (
+                query,
+                bank,
+                target,
+                mix_target if has_mix else target,
+                mix_weight if has_mix else g,
+                stats,
+                g,
+                v_part,
+                c_part,
+                N,
+                S,
+                D,
+                n_row_blocks,
+                n_dv_blocks,
+                n_chunks,
+                n_units,
+                units_per_split,
+                s_chunk,
+                1.0 / temperature,
+                query.stride(0),
+                query.stride(1),
+                bank.stride(0),
+                bank.stride(1),
+                bank.stride(2),
+            ),
+            dict(
+                HAS_MIX=has_mix,
+                MODE=dot_mode(query.dtype, bank.dtype),
+                VMODE=dot_mode(torch.float32, bank.dtype),
+                INTERPRET=interpret,
+                BLOCK_N=block_n,
+                BLOCK_DV=block_dv,
+            ),
+            _INTERPRET_BWD_CONFIG if interpret else candidates[0],
+            dev,
+            dtype_label(query, bank),
+            candidates,
+            BWD_TUNE_KEY,
+        )
+    )
     v = v_part.sum(0)
     c = c_part.sum(0).unsqueeze(1)
     # chain through qn = q / max(|q|, eps) (N x D elementwise work: small next to the kernel)

@@ -34,10 +34,21 @@ import triton
 import triton.language as tl
 
 from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch, launch_options, sm_count
-from .backward import backward
-from .tiles import (DOT_NATIVE, DOT_SPLIT2_BF16, DOT_SPLIT_BF16, S_GRANULE_GPU, S_GRANULE_INTERPRET,
-                    cdiv, check_int32_offsets, dot_mode, row_inv_norms, sim_tile, split_units)
 from ..precise_math import exp_precise, log_precise
+from .backward import backward
+from .tiles import (
+    DOT_NATIVE,
+    DOT_SPLIT2_BF16,
+    DOT_SPLIT_BF16,
+    S_GRANULE_GPU,
+    S_GRANULE_INTERPRET,
+    cdiv,
+    check_int32_offsets,
+    dot_mode,
+    row_inv_norms,
+    sim_tile,
+    split_units,
+)
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -236,7 +247,9 @@ def row_kernel_blocks(L: int, n_chunks: int, interpret: bool) -> dict:
 
 def row_kernel_config(L: int, n_chunks: int, interpret: bool) -> triton.Config:
     """The one config of ``_nce_row_kernel`` (its blocks follow the shapes; 4 warps)."""
-    return triton.Config(row_kernel_blocks(L, n_chunks, interpret), num_warps=4, num_stages=3, maxnreg=MAXNREG)
+    return triton.Config(
+        row_kernel_blocks(L, n_chunks, interpret), num_warps=4, num_stages=3, maxnreg=MAXNREG
+    )
 
 
 def forward(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from ..utils.program import run_program
 from .synthetic import class_names, export_voc
 from .voc import DataFileError, find_mask_dir, read_class_list, write_class_list
 
@@ -102,8 +102,4 @@ def write_gt_saliency(masks: str, list_path: str, out: str, *, blur: int = 7, no
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

@@ -69,9 +69,19 @@ class SegmentationPairs(Dataset):
     Items (eval): ``image`` (3, H, W) float32, ``label`` (H, W) int64, ``index``, ``name``.
     """
 
-    def __init__(self, list_path: str, images_dir: str, labels_dir: str, num_classes: int, *, train: bool,
-                 crop_size: Optional[int] = None, scale_range: Sequence[float] = (0.5, 1.5), flip: bool = True,
-                 seed: int = 0):
+    def __init__(
+        self,
+        list_path: str,
+        images_dir: str,
+        labels_dir: str,
+        num_classes: int,
+        *,
+        train: bool,
+        crop_size: Optional[int] = None,
+        scale_range: Sequence[float] = (0.5, 1.5),
+        flip: bool = True,
+        seed: int = 0,
+    ):
         for flag, folder in (("images", images_dir), ("labels", labels_dir)):
             if not os.path.isdir(folder):
                 raise DataFileError(f"{flag} folder not found: {folder}")
@@ -103,17 +113,23 @@ class SegmentationPairs(Dataset):
         image, label = load_image(self.image_paths[index]), load_mask(self.label_paths[index])
         bad = (label >= self.num_classes) & (label != IGNORE)
         if bad.any():
-            raise ValueError(f"label map {self.label_paths[index]} holds value {int(label[bad][0])}: expected "
-                             f"0..{self.num_classes - 1} (num_classes {self.num_classes}, background included) "
-                             f"or 255 (ignore)")
+            raise ValueError(
+                f"label map {self.label_paths[index]} holds value {int(label[bad][0])}: expected "
+                f"0..{self.num_classes - 1} (num_classes {self.num_classes}, background included) "
+                f"or 255 (ignore)"
+            )
         return image, label
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict[str, object]:
         index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else (int(key[0]), int(key[1]))
         image, label = self.raw(index)
         if not self.train:
-            return {"image": normalize_image(torch.from_numpy(image)), "label": torch.from_numpy(label).long(),
-                    "index": index, "name": self.names[index]}
+            return {
+                "image": normalize_image(torch.from_numpy(image)),
+                "label": torch.from_numpy(label).long(),
+                "index": index,
+                "name": self.names[index],
+            }
         rng = np.random.default_rng([self.seed, epoch, index])
         x, y = augment(image, label, rng, self.crop_size, self.scale_range, self.flip)
         return {"image": x, "label": y, "index": index}
@@ -139,4 +155,7 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, crop
         y = torch.nn.functional.pad(y, (0, pw, 0, ph), value=IGNORE)
     top = int(rng.integers(0, y.shape[0] - crop + 1))
     left = int(rng.integers(0, y.shape[1] - crop + 1))
-    return (x[:, top:top + crop, left:left + crop].contiguous(), y[top:top + crop, left:left + crop].contiguous())
+    return (
+        x[:, top : top + crop, left : left + crop].contiguous(),
+        y[top : top + crop, left : left + crop].contiguous(),
+    )

@@ -126,7 +126,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return base[None, None, :] + grad + blot
 
 
-def _paint(img: np.ndarray, region: np.ndarray, tex: np.ndarray, colour: np.ndarray, shade: np.ndarray) -> None:
+def _paint(img: np.ndarray, region: np.ndarray, tex: np.ndarray, colour: np.ndarray,
+           shade: np.ndarray) -> None:
     """Write a textured colour into ``img`` under ``region`` (in place)."""
     dark = colour * 0.4
     val = (dark[None, :] + (colour - dark)[None, :] * tex[region][:, None]) * shade[region][:, None]
@@ -162,8 +163,10 @@ def render_scene(rng: np.random.Generator, num_classes: int, size: int = 96, max
         for _ in range(rng.integers(2, 6)):
             shape = "ellipse" if rng.random() < 0.6 else "bar"
             hue = spec[rng.integers(len(spec))][2] if rng.random() < 0.4 else rng.random()
-            colour = _hsv_to_rgb((hue + rng.normal(0, 0.03)) % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0))
-            draw(shape, TEXTURES[rng.integers(len(TEXTURES))], colour, rng.uniform(0, size), rng.uniform(0, size),
+            colour = _hsv_to_rgb((hue + rng.normal(0, 0.03)) % 1.0, rng.uniform(0.5, 1.0),
+                                 rng.uniform(0.5, 1.0))
+            draw(shape, TEXTURES[rng.integers(len(TEXTURES))], colour, rng.uniform(0, size),
+                 rng.uniform(0, size),
                  rng.uniform(0.08, 0.22) * size, rng.uniform(0, math.pi), rng.uniform(3.0, 6.0))
 
         n_obj = int(rng.choice(np.arange(1, max_objects + 1), p=_object_count_probs(max_objects)))
@@ -171,7 +174,8 @@ def render_scene(rng: np.random.Generator, num_classes: int, size: int = 96, max
         areas = []
         for k, c in enumerate(classes):
             shape, texture, hue = spec[c]
-            colour = _hsv_to_rgb((hue + rng.normal(0, 0.025)) % 1.0, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
+            colour = _hsv_to_rgb((hue + rng.normal(0, 0.025)) % 1.0, rng.uniform(0.55, 1.0),
+                                 rng.uniform(0.6, 1.0))
             radius = rng.uniform(0.13, 0.25) * size
             cx, cy = rng.uniform(0.5 * radius, size - 0.5 * radius, 2)
             region = draw(shape, texture, colour, cx, cy, radius, rng.uniform(0, 2 * math.pi),

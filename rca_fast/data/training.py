@@ -24,7 +24,9 @@ def build_datasets(args):
         return train, val, synthetic_class_names(args.num_classes)
     names = VOC_CLASSES if args.num_classes == 20 else COCO_CLASSES if args.num_classes == 80 else \
         [f"class {k}" for k in range(args.num_classes)]
-    transform = PublicTrainTransform(args.input_size) if public else TrainTransform(args.input_size, args.crop_size)
+    transform = (
+        PublicTrainTransform(args.input_size) if public else TrainTransform(args.input_size, args.crop_size)
+    )
     train = VOCClassification(args.train_list, args.img_dir, args.num_classes, transform,
                               cls_labels=args.cls_labels)
     val = None

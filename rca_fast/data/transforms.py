@@ -164,7 +164,8 @@ class TrainTransform:
 
 def random_crop_pad(x: torch.Tensor, crop: int, rng, box: Optional[list] = None) -> torch.Tensor:
     """Random crop of a (C, H, W) tensor to (C, crop, crop), zero-padding a short side.
-    ``box``, when given, receives [sy, sx, dy, dx, hh, ww]: out[dy:dy+hh, dx:dx+ww] = x[sy:sy+hh, sx:sx+ww]."""
+    ``box``, when given, receives [sy, sx, dy, dx, hh, ww]:
+    out[dy:dy+hh, dx:dx+ww] = x[sy:sy+hh, sx:sx+ww]."""
     c, h, w = x.shape
     out = x.new_zeros(c, crop, crop)
     # where the image is larger: pick the window; where smaller: pick where the image lands

@@ -31,7 +31,8 @@ COCO_CLASSES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "tr
                 "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
                 "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
                 "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-                "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+                "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+                "orange",
                 "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
                 "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
                 "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
@@ -184,7 +185,8 @@ class VOCClassification(Dataset):
 
     Items: dict ``image`` (3, crop, crop) float from ``transform(uint8 image)``, ``label`` (L,),
     ``name``, ``index`` and, when the transform has ``with_view`` (TrainTransform), ``view`` (11,)
-    int64: where the crop came from (rca_fast.utils.att_maps).  Every image is checked to exist at construction.
+    int64: where the crop came from (rca_fast.utils.att_maps).  Every image is checked to exist at
+    construction.
     """
 
     def __init__(self, list_path: str, img_dir: str, num_classes: int, transform, *,

@@ -13,7 +13,8 @@ from torch import nn
 from .. import ops
 
 AGGREGATIONS = ("softmax", "linear", "none")
-ATTENTION_SCALES = ("sqrt", "one", "learned")  # softmax temperature: 1/sqrt(D), 1, a learned scalar (init 1/sqrt(D))
+# softmax temperature: 1/sqrt(D), 1, a learned scalar (init 1/sqrt(D))
+ATTENTION_SCALES = ("sqrt", "one", "learned")
 
 
 class CAMHead(nn.Module):
@@ -103,7 +104,9 @@ class PerClassCAMHead(nn.Module):
     @impl.setter
     def impl(self, value: str) -> None:
         if not isinstance(value, str) or (value != "auto" and value not in FINAL_HEAD_IMPLS):
-            raise ValueError(f"PerClassCAMHead: impl must be 'auto' or one of {FINAL_HEAD_IMPLS}, got {value!r}")
+            raise ValueError(
+                f"PerClassCAMHead: impl must be 'auto' or one of {FINAL_HEAD_IMPLS}, got {value!r}"
+            )
         self._impl = value
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -126,7 +129,7 @@ class PerClassCAMHead(nn.Module):
         in the public code: stacked into one D -> L*W conv they measured no faster on the CPU."""
         W = self.width
         convs = (self.body[0], self.body[2], self.body[4])
-        weights = [(conv.weight.split(W), conv.bias.split(W)) for conv in convs]   # L x (W, ., 3, 3), L x (W,)
+        weights = [(conv.weight.split(W), conv.bias.split(W)) for conv in convs]  # L x (W, ., 3, 3), L x (W,)
         wc, bc = self.classifier.weight.split(1), self.classifier.bias.split(1)   # L x (1, W, 1, 1), L x (1,)
         maps = []
         for l in range(self.num_classes):
@@ -204,7 +207,8 @@ class PrototypeAggregation(nn.Module):
             return features
         B, D, h, w = features.shape
         if prototypes.dim() != 3 or prototypes.shape[-1] != D:
-            raise ValueError(f"PrototypeAggregation: prototypes must be (L, K, {D}), got {tuple(prototypes.shape)}")
+            raise ValueError(f"PrototypeAggregation: prototypes must be (L, K, {D}), got "
+                             f"{tuple(prototypes.shape)}")
         protos = prototypes.detach().reshape(-1, D).to(features.dtype)        # (P = L*K, D)
         key, value = self.key(protos), self.value(protos)
         query = self.query(features).flatten(2).transpose(1, 2)                # (B, hw, D)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 
 def rca_loss(out, labels: torch.Tensor, epoch: int, *, coarse_weight: float = 0.4,
-             contrast_weight: float = 0.01, contrast_start_epoch: int = 3) -> Tuple[torch.Tensor, Dict[str, float]]:
+             contrast_weight: float = 0.01, contrast_start_epoch: int = 3) -> Tuple[torch.Tensor,
+                                                                                    Dict[str, float]]:
     """``MLSM(O) + coarse_weight * MLSM(P) [+ contrast_weight * contrast]``.
 
     MLSM is the multilabel soft margin loss on the GAP class scores (mean over classes and
@@ -26,7 +27,8 @@ def rca_loss(out, labels: torch.Tensor, epoch: int, *, coarse_weight: float = 0.
     """
     for name in ("logits", "coarse_logits", "contrast_loss"):
         if not hasattr(out, name):
-            raise TypeError(f"rca_loss: out must be an RCAOutput (no attribute {name!r}), got {type(out).__name__}")
+            raise TypeError(f"rca_loss: out must be an RCAOutput (no attribute {name!r}), got "
+                            f"{type(out).__name__}")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"rca_loss: labels must be a torch.Tensor (B, L), got {type(labels).__name__}")
     if tuple(labels.shape) != tuple(out.logits.shape):

@@ -41,7 +41,8 @@ def gather_rows(emb: torch.Tensor, target: torch.Tensor):
 
 
 @torch.no_grad()
-def lloyd(points: torch.Tensor, centroids: torch.Tensor, *, iters: int = 300, tol: float = 1e-4) -> torch.Tensor:
+def lloyd(points: torch.Tensor, centroids: torch.Tensor, *, iters: int = 300,
+          tol: float = 1e-4) -> torch.Tensor:
     """Lloyd's k-means iterations from given centroids (a warm start): points (L, S, D),
     centroids (L, K, D) -> (L, K, D).  An empty cluster keeps its centroid.  Stops when the
     squared centroid shift of every problem is below ``tol`` x the points' mean variance."""
@@ -182,11 +183,13 @@ class MemoryBank(nn.Module):
     def _check_rows(self, emb, target, score) -> None:
         """TypeError/ValueError naming the argument (before any row is filtered or gathered)."""
         where = "MemoryBank.update"
-        for name, value in (("emb", emb), ("target", target)) + ((("score", score),) if score is not None else ()):
+        for name, value in (("emb", emb),
+                            ("target", target)) + ((("score", score),) if score is not None else ()):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
         if emb.dim() != 2 or emb.shape[1] != self.dim:
-            raise ValueError(f"{where}: emb must have shape (N, D) with D = {self.dim}, got {tuple(emb.shape)}")
+            raise ValueError(f"{where}: emb must have shape (N, D) with D = {self.dim}, got "
+                             f"{tuple(emb.shape)}")
         if not emb.is_floating_point():
             raise TypeError(f"{where}: emb must be a float tensor, got {emb.dtype}")
         if target.dim() != 1 or target.shape[0] != emb.shape[0]:
@@ -211,7 +214,8 @@ class MemoryBank(nn.Module):
         if _world() == 1 or dist.get_rank() == 0:
             points = self.bank if self.bank.dtype == torch.float64 else self.bank.float()
             if self.kmeans_warm_start and bool(self.fitted):
-                centroids = lloyd(points, self.prototypes.to(points.dtype), iters=kmeans_kwargs.get("iters", 300),
+                centroids = lloyd(points, self.prototypes.to(points.dtype),
+                                  iters=kmeans_kwargs.get("iters", 300),
                                   tol=kmeans_kwargs.get("tol", 1e-4))
             else:
                 centroids, _, _ = ops.kmeans(points, self.num_prototypes, seed=seed, **kmeans_kwargs)

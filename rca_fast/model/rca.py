@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import ops
 from .backbones import BACKBONES, build_backbone
-from .heads import CAMHead, PerClassCAMHead, PrototypeAggregation, Projector
+from .heads import CAMHead, PerClassCAMHead, Projector, PrototypeAggregation
 from .memory_bank import MemoryBank
 
 MIN_IMAGE_SIZE = 16  # two feature pixels per side at stride 8 (BatchNorm needs more than one value)
@@ -208,7 +208,8 @@ class RCAModel(nn.Module):
         self.final_head = (CAMHead(D, D, num_classes) if shared_final_head
                            else PerClassCAMHead(D, D, num_classes, impl=final_head_impl))
         self.bank = MemoryBank(num_classes, bank_slots, D, gamma=gamma, prototypes=prototypes,
-                               score_threshold=score_threshold, dtype=bank_dtype, prototype_init=prototype_init,
+                               score_threshold=score_threshold, dtype=bank_dtype,
+                               prototype_init=prototype_init,
                                first_write=first_write, kmeans_warm_start=kmeans_warm_start)
         self.init_new_layers_()
 
@@ -223,7 +224,8 @@ class RCAModel(nn.Module):
 
     def new_modules(self) -> list:
         """Modules not in a pretrained backbone file: heads, projector, aggregation, backbone new layers."""
-        mods = [self.coarse_head, self.final_head, self.aggregation] + ([self.projector] if self.projector else [])
+        mods = [self.coarse_head, self.final_head,
+                self.aggregation] + ([self.projector] if self.projector else [])
         for prefix in self.backbone.new_layer_prefixes:
             mods.append(self.backbone.get_submodule(prefix.rstrip(".")))
         return mods
@@ -231,9 +233,11 @@ class RCAModel(nn.Module):
     def _check_inputs(self, images, labels) -> Optional[torch.Tensor]:
         """Validate images/labels; returns labels as bool (B, L) or None."""
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"RCAModel.forward: images must be a torch.Tensor (B, 3, H, W), got {type(images).__name__}")
+            raise TypeError("RCAModel.forward: images must be a torch.Tensor (B, 3, H, W), got "
+                            f"{type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"RCAModel.forward: images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+            raise ValueError("RCAModel.forward: images must have shape (B, 3, H, W), got "
+                             f"{tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"RCAModel.forward: images must be a float tensor, got {images.dtype}")
         if min(images.shape[2:]) < MIN_IMAGE_SIZE or images.shape[0] < 1:
@@ -246,15 +250,19 @@ class RCAModel(nn.Module):
         if labels is None:
             return None
         if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"RCAModel.forward: labels must be a torch.Tensor (B, L), got {type(labels).__name__}")
+            raise TypeError("RCAModel.forward: labels must be a torch.Tensor (B, L), got "
+                            f"{type(labels).__name__}")
         want = (images.shape[0], self.num_classes)
         if tuple(labels.shape) != want:
-            raise ValueError(f"RCAModel.forward: labels must have shape (B, L) = {want}, got {tuple(labels.shape)}")
+            raise ValueError(f"RCAModel.forward: labels must have shape (B, L) = {want}, got "
+                             f"{tuple(labels.shape)}")
         if labels.device != images.device:
-            raise ValueError(f"RCAModel.forward: labels must be on {images.device} like images, got {labels.device}")
+            raise ValueError(f"RCAModel.forward: labels must be on {images.device} like images, got "
+                             f"{labels.device}")
         if labels.dtype != torch.bool:
             if labels.is_complex() or not bool(((labels == 0) | (labels == 1)).all()):
-                raise ValueError("RCAModel.forward: labels must be a 0/1 (or bool) multi-hot tensor, got other values")
+                raise ValueError("RCAModel.forward: labels must be a 0/1 (or bool) multi-hot tensor, got "
+                                 "other values")
             labels = labels != 0
         return labels
 
@@ -285,7 +293,8 @@ class RCAModel(nn.Module):
                              temperature=self.temperature, contrast=self.contrast,
                              mixup=self.mixup and self.training, mixup_alpha=self.mixup_alpha,
                              generator=generator)
-        out.contrast_loss, out.bank_emb, out.bank_target, out.bank_score = rc.loss, rc.emb, rc.target, rc.score
+        out.contrast_loss, out.bank_emb = rc.loss, rc.emb
+        out.bank_target, out.bank_score = rc.target, rc.score
         out.region_image, out.mix_partner, out.mix_weight = rc.image, rc.partner, rc.weight
         return out
 
@@ -323,8 +332,10 @@ class RCAModel(nn.Module):
         ``name``; empty groups are left out.
         """
         if not lr > 0 or weight_decay < 0:
-            raise ValueError(f"RCAModel.param_groups: need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
-        groups = {("base", "weight"): [], ("base", "bias"): [], ("extra", "weight"): [], ("extra", "bias"): []}
+            raise ValueError(f"RCAModel.param_groups: need lr > 0 and weight_decay >= 0, got {lr}, "
+                             f"{weight_decay}")
+        groups = {("base", "weight"): [], ("base", "bias"): [], ("extra", "weight"): [],
+                  ("extra", "bias"): []}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue

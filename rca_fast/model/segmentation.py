@@ -37,8 +37,13 @@ class TinySegNet(nn.Module):
             return [nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
                     nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-        self.features = nn.Sequential(*block(3, width // 2, 2), *block(width // 2, width, 2), *block(width, width),
-                                      *block(width, width, dilation=2), *block(width, width, dilation=4))
+        self.features = nn.Sequential(
+            *block(3, width // 2, 2),
+            *block(width // 2, width, 2),
+            *block(width, width),
+            *block(width, width, dilation=2),
+            *block(width, width, dilation=4),
+        )
         self.classifier = nn.Conv2d(width, num_classes, 1)
         for m in self.modules():  # He init: no pretrained weights here, the net trains from scratch
             if isinstance(m, nn.Conv2d):
@@ -81,10 +86,18 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
     mismatched = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                         for k in own if k in state and state[k].shape != own[k].shape)
     if missing or unexpected or mismatched:
-        parts = [f"{what} keys: {', '.join(keys[:6])}" + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
-                 if keys]
-        raise ValueError(f"--pretrained {path!r} does not fit the {type(model).__name__} backbone: " + "; ".join(parts))
+        parts = [
+            f"{what} keys: {', '.join(keys[:6])}" + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape-mismatched", mismatched),
+            )
+            if keys
+        ]
+        raise ValueError(
+            f"--pretrained {path!r} does not fit the {type(model).__name__} backbone: " + "; ".join(parts)
+        )
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))
@@ -115,7 +128,9 @@ def build_segmentation_model(name: str, num_classes: int, pretrained: Optional[s
     return model
 
 
-def seg_param_groups(model: nn.Module, lr: float, weight_decay: float, new_lr_mult: float = 10.0) -> List[Dict]:
+def seg_param_groups(
+    model: nn.Module, lr: float, weight_decay: float, new_lr_mult: float = 10.0
+) -> List[Dict]:
     """SGD groups: pretrainable layers at ``lr``, the new ones (``model.new_modules()``) at
     ``new_lr_mult * lr``; each group carries its ``lr_mult`` for the schedule.  Frozen parameters
     (requires_grad False) are left out."""
@@ -136,7 +151,9 @@ def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Pixel cross-entropy, mean over the pixels whose label is not ``ignore_index``.
 
     Args:
@@ -147,8 +164,10 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
         and proxy labels do mark whole images 255.
     """
     if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
-        raise ValueError(f"segmentation_loss: logits must be (B, C, h, w) and target (B, H, W) with the same B, "
-                         f"got {tuple(logits.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"segmentation_loss: logits must be (B, C, h, w) and target (B, H, W) with the same B, "
+            f"got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
     logits = upsample_logits(logits, target.shape[-2:]).float()
     valid = target != ignore_index
     total = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="sum")

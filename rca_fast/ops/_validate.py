@@ -42,7 +42,8 @@ def check_tensor(op: str, name: str, t, *, ndim: Optional[Sequence[int]] = None,
         raise ValueError(f"{op}: {name} must be a {want} tensor {layout}, got shape {_shape(t)}")
     if dtypes is not None and t.dtype not in tuple(dtypes):
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        got = str(t.dtype).replace("torch.", "")
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {got}")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} must be on {device} like the other inputs, got {t.device}")
 

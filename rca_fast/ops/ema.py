@@ -47,7 +47,8 @@ def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target
         raise ValueError(f"{OP}: bank must be a buffer (requires_grad=False); an in-place update of "
                          "a tensor that requires grad breaks autograd")
     if not bank.is_contiguous():
-        raise ValueError(f"{OP}: bank must be contiguous (it is updated in place), got strides {bank.stride()}")
+        raise ValueError(f"{OP}: bank must be contiguous (it is updated in place), got strides "
+                         f"{bank.stride()}")
     if emb.shape[0] == 0:
         return bank
     if emb.untyped_storage().data_ptr() == bank.untyped_storage().data_ptr():

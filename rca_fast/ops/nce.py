@@ -6,8 +6,15 @@ from typing import Optional, Union
 import torch
 
 from . import _dispatch
-from ._validate import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_index, check_positive, check_range,
-                        check_tensor)
+from ._validate import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    check_dim,
+    check_index,
+    check_positive,
+    check_range,
+    check_tensor,
+)
 
 OP = "bank_nce_loss"
 
@@ -40,7 +47,8 @@ def bank_nce_loss(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
     check_dim(OP, "bank", bank, 2, query.shape[1], "feature size D of query")
     L = bank.shape[0]
     if bank.shape[1] == 0 or L == 0:
-        raise ValueError(f"{OP}: bank must have at least one class and one slot, got shape {tuple(bank.shape)}")
+        raise ValueError(f"{OP}: bank must have at least one class and one slot, got shape "
+                         f"{tuple(bank.shape)}")
     check_tensor(OP, "target", target, ndim=(1,), layout="(N,)", dtypes=INT_DTYPES, device=dev)
     check_dim(OP, "target", target, 0, query.shape[0], "row count N of query")
     check_index(OP, "target", target, L)

@@ -1,10 +1,5 @@
 """``python -m rca_fast.profile ops|step ...`` (see ``rca_fast.profile.cli``)."""
-import sys
-
 from rca_fast.profile.cli import main
+from rca_fast.utils.program import run_program
 
-try:
-    main()
-except (ValueError, FileNotFoundError) as exc:  # bad flags or shapes, missing data: no traceback
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(2)
+run_program(main)   # bad flags or shapes, missing data: one line, exit 2

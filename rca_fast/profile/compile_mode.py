@@ -177,8 +177,17 @@ def parse_nvcc_log(log: str, source: str) -> List[dict]:
         m = _FN.search(line)
         if m:
             name, dtype = _kernel_name(_demangle(m.group(1)))
-            cur = dict(kernel=f"{source}:{name}", config="nvcc", dtype=dtype,
-                       shared_bytes=0, registers=None, spill_bytes=0, launchable=True, fixed=False, error=None)
+            cur = dict(
+                kernel=f"{source}:{name}",
+                config="nvcc",
+                dtype=dtype,
+                shared_bytes=0,
+                registers=None,
+                spill_bytes=0,
+                launchable=True,
+                fixed=False,
+                error=None,
+            )
             rows.append(cur)
             continue
         if cur is None:
@@ -214,7 +223,8 @@ def cuda_rows(repo: str, workers: int) -> List[dict]:
     def one(src: str) -> List[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             # the flags of the extension's build (csrc_build.py, torch.utils.cpp_extension)
-            cmd = [nvcc, "-arch=sm_90", "-Xptxas", "-v", "-std=c++20", "-O3", "-DRCA_FAST_WITH_CUDA", "-c", src,
+            cmd = [nvcc, "-arch=sm_90", "-Xptxas", "-v", "-std=c++20", "-O3", "-DRCA_FAST_WITH_CUDA", "-c",
+                   src,
                    "-o", os.path.join(tmp, "x.o"), "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1",
                    *COMMON_NVCC_FLAGS, *includes]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -240,8 +250,10 @@ def table(rows: List[dict]) -> str:
         flag = ("yes, fixed rule" if r.get("fixed") else "yes") if r["launchable"] else "no"
         if r.get("error"):
             flag += "  COMPILE FAILED"
-        lines.append(f"{r['kernel'][:34]:<34} {r['config'][:44]:<44} {r['dtype']:<9} {num(r['shared_bytes']):>9} "
-                     f"{num(r['registers']):>5} {num(r['spill_bytes']):>8} {flag}")
+        lines.append(
+            f"{r['kernel'][:34]:<34} {r['config'][:44]:<44} {r['dtype']:<9} {num(r['shared_bytes']):>9} "
+            f"{num(r['registers']):>5} {num(r['spill_bytes']):>8} {flag}"
+        )
     return "\n".join(lines)
 
 
@@ -283,8 +295,8 @@ def run(args) -> int:
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     for r, p in problems:
-        print(f"FAIL {r['kernel']} {r['config']} {r['dtype']}: {p}" + (f"\n{r['error']}" if r.get("error") else ""),
-              file=sys.stderr)
+        error = f"\n{r['error']}" if r.get("error") else ""
+        print(f"FAIL {r['kernel']} {r['config']} {r['dtype']}: {p}" + error, file=sys.stderr)
     print(f"{len(rows)} rows, {len(problems)} problems, {doc['seconds']} s; wrote {path}")
     return 1 if problems else 0
 

@@ -14,13 +14,18 @@ B images, L classes, S bank slots per class, D feature channels, HW = H*W pixels
 per class (P = L*K attention keys), Np = present (image, class) pairs = rows of the NCE query and
 of the bank update.  ``e`` is the bytes per element of the profiled dtype (4 fp32, 2 bf16); index
 tensors are int64 (8 bytes), labels bool (1 byte), the NCE mixup weight and loss float32 (4).
+``ec`` is the bytes per element of MAP's CAMs (the profiled dtype unless given: the trainer's
+bf16 autocast hands MAP bf16 features with float32 CAM probabilities).
+
+This is the one cost model of the project: the profiler's op rows and the benchmarks' rows
+(``benchmarks/harness.work``) both count with it.
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -109,20 +114,23 @@ def kmeans_init_trials(K: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # The formulas.  Each returns (bytes, flops) for one call on the shape ``s`` with element size e.
 
-def map_fwd(s: ProfileShape, e: int) -> Tuple[int, int]:
-    """masked_average_pool forward, only the present pairs pooled.
-    bytes: features B*D*HW*e + cams B*L*HW*e + labels B*L*1  ->  emb B*L*D*e + count B*L*8
+def map_fwd(s: ProfileShape, e: int, ec: Optional[int] = None) -> Tuple[int, int]:
+    """masked_average_pool forward, only the present pairs pooled (an absent class's CAM row is
+    never read: the masks and their means are those of the present pairs alone).
+    bytes: features B*D*HW*e + present CAM rows Np*HW*ec + labels B*L*1  ->  emb B*L*D*e + count B*L*8
     flops: 2*Np*HW*D (the masked sum of each present region as multiply-adds)"""
-    nbytes = (s.B * s.D * s.HW * e + s.B * s.L * s.HW * e + s.B * s.L * BOOL_BYTES
+    ec = e if ec is None else ec
+    nbytes = (s.B * s.D * s.HW * e + s.Np * s.HW * ec + s.B * s.L * BOOL_BYTES
               + s.B * s.L * s.D * e + s.B * s.L * INDEX_BYTES)
     return nbytes, 2 * s.Np * s.HW * s.D
 
 
-def map_bwd(s: ProfileShape, e: int) -> Tuple[int, int]:
-    """masked_average_pool backward (to features; the masks come back from the cams).
-    bytes: grad_emb B*L*D*e + cams B*L*HW*e + labels B*L*1  ->  grad_features B*D*HW*e
+def map_bwd(s: ProfileShape, e: int, ec: Optional[int] = None) -> Tuple[int, int]:
+    """masked_average_pool backward (to features; the masks come back from the present CAM rows).
+    bytes: grad_emb B*L*D*e + present CAM rows Np*HW*ec + labels B*L*1  ->  grad_features B*D*HW*e
     flops: 2*Np*HW*D"""
-    nbytes = (s.B * s.L * s.D * e + s.B * s.L * s.HW * e + s.B * s.L * BOOL_BYTES
+    ec = e if ec is None else ec
+    nbytes = (s.B * s.L * s.D * e + s.Np * s.HW * ec + s.B * s.L * BOOL_BYTES
               + s.B * s.D * s.HW * e)
     return nbytes, 2 * s.Np * s.HW * s.D
 
@@ -214,11 +222,14 @@ FORMULAS = {("masked_average_pool", "fwd"): map_fwd, ("masked_average_pool", "bw
 
 
 def work(op: str, direction: str, shape: ProfileShape, dtype: torch.dtype, *,
-         kmeans_iters: int = 10) -> Tuple[int, int]:
-    """(minimum bytes, FLOPs) of one call of ``op`` in ``direction`` ("fwd"/"bwd")."""
+         kmeans_iters: int = 10, cam_dtype: Optional[torch.dtype] = None) -> Tuple[int, int]:
+    """(minimum bytes, FLOPs) of one call of ``op`` in ``direction`` ("fwd"/"bwd");
+    ``cam_dtype``: MAP's CAM dtype when it is not ``dtype``."""
     e = dtype_bytes(dtype)
     if op == "kmeans" and direction == "fwd":
         return kmeans_fwd(shape, e, kmeans_iters)
+    if op == "masked_average_pool" and cam_dtype is not None:
+        return FORMULAS[(op, direction)](shape, e, dtype_bytes(cam_dtype))
     try:
         return FORMULAS[(op, direction)](shape, e)
     except KeyError:

@@ -16,8 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import ceilings as ceil
-from . import counts, torch_logs
+from . import ceilings as ceil, counts, torch_logs
 from .timing import Timer, environment
 
 ALL_BACKENDS = ("torch", "triton", "cuda", "compile")
@@ -291,7 +290,8 @@ def _fmt(value, spec: str) -> str:
 
 ABOVE = "above!"
 ABOVE_NOTE = (f"{ABOVE} = measured faster than its roofline (ms < roof ms): a ceiling or the work count "
-              f"does not hold for that row, so its %roof is no result (profile.json: \"above_ceiling\": true)")
+              f"does not hold for that row, so its %roof is no result "
+              f"(profile.json: \"above_ceiling\": true)")
 
 
 def _best_probe(doc: dict, key: str) -> str:
@@ -337,5 +337,6 @@ def table(doc: dict) -> str:
     if any(r.get("above_ceiling") for r in doc["rows"]):
         out.append(ABOVE_NOTE)
     for n in doc.get("torch_notes", []):
-        out.append(f"note: {n['shape']} {counts.SHORT.get(n['op'], n['op'])} [{n['backend']}]: torch logged: {n['note']}")
+        out.append(f"note: {n['shape']} {counts.SHORT.get(n['op'], n['op'])} [{n['backend']}]: torch logged: "
+                   f"{n['note']}")
     return "\n".join(out)

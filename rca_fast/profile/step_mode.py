@@ -20,7 +20,6 @@ part's time is the host time of its ops, and "untracked" is Python time between 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import sys
@@ -183,24 +182,6 @@ def _range_us(events, name: str) -> List[float]:
     return [float(e.cpu_time_total) for e in events if e.name == name and _is_cpu(e)]
 
 
-def load_public_head():
-    """The public code's per-region RCA head: ``rca_fast.ref.public_head`` when the package has it,
-    else ``benchmarks/public_rca_head.py`` of the source checkout (loaded by path, sys.path
-    untouched); None when neither exists (an installed package without the sources)."""
-    try:
-        return importlib.import_module("rca_fast.ref.public_head")
-    except ImportError:
-        pass
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.path.join(root, "benchmarks", "public_rca_head.py")
-    if not os.path.isfile(path):
-        return None
-    spec = importlib.util.spec_from_file_location("rca_fast_profile_public_rca_head", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _batches(trainer, epoch: int):
     """The trainer's batches of ``epoch``, then of the next epochs, without end."""
     while True:
@@ -221,13 +202,13 @@ def _sync(device: torch.device) -> None:
 
 def compare_public(trainer, batch: dict, timer: Timer) -> Optional[dict]:
     """Time the region contrast + bank update of rca_fast and of the public code's per-region
-    loops on the same inputs (this model's features, projector features, coarse CAMs, labels
-    and bank, captured from one forward pass); None without the public head's source."""
+    loops (``rca_fast.ref.public_head``) on the same inputs (this model's features, projector
+    features, coarse CAMs, labels and bank, captured from one forward pass); None with the
+    contrast off."""
     import copy
+
     from rca_fast.model.rca import region_contrast
-    public = load_public_head()
-    if public is None:
-        return None
+    from rca_fast.ref import public_head as public
     model, device = trainer.model, trainer.device
     captured = {}
     handles = [getattr(model, name).register_forward_hook(
@@ -273,7 +254,7 @@ def compare_public(trainer, batch: dict, timer: Timer) -> Optional[dict]:
             "public_timing": t_public.as_dict(), "inputs": {
                 "B": int(labels.shape[0]), "L": int(labels.shape[1]), "D": int(features.shape[1]),
                 "HW": list(features.shape[2:]), "S": int(model.bank.slots),
-                "regions": int(labels.sum())}, "source": getattr(public, "__file__", None)}
+                "regions": int(labels.sum())}, "source": public.__name__}
 
 
 def _train_argv(rest: List[str], out: str) -> List[str]:
@@ -288,6 +269,7 @@ def run(args, rest: List[str]) -> dict:
     """Build the trainer from ``rest`` (trainer flags), profile ``args.steps`` steps; the document."""
     from torch.profiler import ProfilerActivity, profile
     from tqdm.auto import tqdm
+
     from rca_fast.train import Trainer
     from rca_fast.utils.train_args import parse_args
     if args.steps < 1 or args.warmup_steps < 0:

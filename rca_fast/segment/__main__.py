@@ -32,7 +32,9 @@ from .trainer import SegmentationInterrupted, SegTrainer
 
 def class_names(dataset: str, num_fg: int) -> list:
     """Background + the dataset's class names (``class k`` where none are known)."""
-    known = {"synthetic": synthetic_class_names(num_fg), "voc": VOC_CLASSES, "coco": COCO_CLASSES}.get(dataset)
+    known = {"synthetic": synthetic_class_names(num_fg), "voc": VOC_CLASSES, "coco": COCO_CLASSES}.get(
+        dataset
+    )
     return class_names_for(num_fg, known)
 
 
@@ -42,17 +44,33 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     threads = torch.get_num_threads()
     trainer = SegTrainer(args)
     try:
-        metrics: Dict = {"dataset": args.dataset, "backbone": trainer.config["backbone"], "device": str(trainer.device),
-                         "world_size": trainer.world, "steps_planned": args.steps}
+        metrics: Dict = {
+            "dataset": args.dataset,
+            "backbone": trainer.config["backbone"],
+            "device": str(trainer.device),
+            "world_size": trainer.world,
+            "steps_planned": args.steps,
+        }
         if not args.eval_only:
             metrics.update(trainer.fit())
         else:
             metrics["steps"] = trainer.step
         if args.val_list and trainer.is_main:
             val = SegmentationPairs(args.val_list, args.images, args.gt, trainer.num_classes, train=False)
-            metrics["eval"] = evaluate(trainer.model, val, args.out, class_names(args.dataset, args.num_classes),
-                                       device=trainer.device, scales=args.scales, flip=args.eval_flip, crf=args.crf,
-                                       amp=args.amp, overlays=args.overlays, progress=args.progress, log=trainer.log)
+            metrics["eval"] = evaluate(
+                trainer.model,
+                val,
+                args.out,
+                class_names(args.dataset, args.num_classes),
+                device=trainer.device,
+                scales=args.scales,
+                flip=args.eval_flip,
+                crf=args.crf,
+                amp=args.amp,
+                overlays=args.overlays,
+                progress=args.progress,
+                log=trainer.log,
+            )
             metrics["miou"] = metrics["eval"]["miou"]
         if trainer.is_main:
             metrics["cpu_threads"] = torch.get_num_threads() if trainer.device.type == "cpu" else None

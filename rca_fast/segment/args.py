@@ -36,11 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val_list", default=None, help="validation image names")
     d.add_argument("--gt", default=None, help="folder of the validation ground-truth PNGs")
     d.add_argument("--out", required=True, help="folder for checkpoints, metrics.json, predictions")
-    d.add_argument("--num-classes", type=int, default=None, help="foreground classes (synthetic 6, voc 20, coco 80)")
+    d.add_argument(
+        "--num-classes", type=int, default=None, help="foreground classes (synthetic 6, voc 20, coco 80)"
+    )
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", choices=SEG_BACKBONES, default=None,
-                   help="deeplabv2-resnet101 (voc/coco default), deeplabv3-resnet50 (torchvision), tiny (synthetic)")
-    m.add_argument("--pretrained", default=None, help="local ImageNet state dict of the backbone (never downloaded)")
+    m.add_argument(
+        "--backbone",
+        choices=SEG_BACKBONES,
+        default=None,
+        help="deeplabv2-resnet101 (voc/coco default), deeplabv3-resnet50 (torchvision), tiny (synthetic)",
+    )
+    m.add_argument(
+        "--pretrained", default=None, help="local ImageNet state dict of the backbone (never downloaded)"
+    )
     m.add_argument("--freeze-bn", choices=("auto", "on", "off"), default="auto",
                    help="deeplabv2: frozen BatchNorm (auto: on with --pretrained)")
     o = p.add_argument_group("optimisation")
@@ -64,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     r.add_argument("--amp", action="store_true", help="bf16 autocast of the forward passes")
     r.add_argument("--compile", action="store_true", help="torch.compile the network")
-    r.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (0 = only at the end)")
+    r.add_argument(
+        "--save-every", type=int, default=None, help="checkpoint every N steps (0 = only at the end)"
+    )
     r.add_argument("--keep", type=int, default=2, help="numbered checkpoints kept")
     r.add_argument("--resume", default=None, help="checkpoint path, or 'auto' = the newest in --out")
     r.add_argument("--eval-only", action="store_true", help="only evaluate the --resume checkpoint")
@@ -72,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation")
     e.add_argument("--scales", default=None, help="multi-scale evaluation scales (voc 0.5,0.75,1.0,1.25,1.5)")
     e.add_argument("--no-eval-flip", dest="eval_flip", action="store_false", help="multi-scale without flips")
-    e.add_argument("--crf", action="store_true", help='dense CRF on the multi-scale scores (pip install ".[crf]")')
+    e.add_argument(
+        "--crf", action="store_true", help='dense CRF on the multi-scale scores (pip install ".[crf]")'
+    )
     e.add_argument("--overlays", type=int, default=16, help="overlay pictures written (-1 all, 0 none)")
     return p
 

@@ -38,8 +38,13 @@ def _probs(model: torch.nn.Module, x: torch.Tensor, size: Tuple[int, int], amp: 
 
 
 @torch.no_grad()
-def predict_probs(model: torch.nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
-                  amp: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def predict_probs(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    amp: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(single-scale, multi-scale + flip) class probabilities of one image.
 
     Args: image (1, 3, H, W) normalised.  Returns two (C, H, W) float32 tensors on its device.
@@ -48,8 +53,16 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, scales: Sequence[
     single = _probs(model, image, size, amp)[0]
     total, count = torch.zeros_like(single), 0
     for s in scales:
-        x = image if s == 1.0 else F.interpolate(image, size=(max(1, round(size[0] * s)), max(1, round(size[1] * s))),
-                                                 mode="bilinear", align_corners=False)
+        x = (
+            image
+            if s == 1.0
+            else F.interpolate(
+                image,
+                size=(max(1, round(size[0] * s)), max(1, round(size[1] * s))),
+                mode="bilinear",
+                align_corners=False,
+            )
+        )
         total += single if s == 1.0 else _probs(model, x, size, amp)[0]
         count += 1
         if flip:
@@ -60,7 +73,9 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, scales: Sequence[
 
 def overlay_picture(image: np.ndarray, pred: np.ndarray, gt: np.ndarray, gap: int = 4) -> np.ndarray:
     """[image | prediction colours blended 50% over it | ground-truth colours] as (H, 3W + 2 gap, 3) uint8."""
-    blend = (0.5 * image.astype(np.float32) + 0.5 * colorize_label(pred).astype(np.float32) + 0.5).astype(np.uint8)
+    blend = (0.5 * image.astype(np.float32) + 0.5 * colorize_label(pred).astype(np.float32) + 0.5).astype(
+        np.uint8
+    )
     sep = np.full((image.shape[0], gap, 3), 255, np.uint8)
     return np.concatenate([image, sep, blend, sep, colorize_label(gt)], axis=1)
 
@@ -87,11 +102,16 @@ def evaluate(model: torch.nn.Module, dataset: SegmentationPairs, out: str, class
     if overlays:
         os.makedirs(overlay_dir, exist_ok=True)
     start = time.time()
-    for i in tqdm(range(len(dataset)), desc="segment eval", disable=not progress, leave=False, dynamic_ncols=True):
+    for i in tqdm(
+        range(len(dataset)), desc="segment eval", disable=not progress, leave=False, dynamic_ncols=True
+    ):
         item = dataset[i]
         gt = item["label"].numpy()
         single, multi = predict_probs(model, item["image"][None].to(device), scales, flip, amp)
-        preds = {"single_scale": single.argmax(0).cpu().numpy(), "multi_scale_flip": multi.argmax(0).cpu().numpy()}
+        preds = {
+            "single_scale": single.argmax(0).cpu().numpy(),
+            "multi_scale_flip": multi.argmax(0).cpu().numpy(),
+        }
         raw: Optional[np.ndarray] = None
         if crf:
             raw = dataset.raw(i)[0]
@@ -102,20 +122,30 @@ def evaluate(model: torch.nn.Module, dataset: SegmentationPairs, out: str, class
         save_label_png(os.path.join(pred_dir, item["name"] + ".png"), final)
         if overlays < 0 or i < overlays:
             raw = raw if raw is not None else dataset.raw(i)[0]
-            Image.fromarray(overlay_picture(raw, final, gt)).save(os.path.join(overlay_dir, item["name"] + ".jpg"),
-                                                                  quality=90)
+            Image.fromarray(overlay_picture(raw, final, gt)).save(
+                os.path.join(overlay_dir, item["name"] + ".jpg"), quality=90
+            )
     if was_training:
         model.train()
     names = list(class_names)
-    result: Dict = {"variant": variants[-1], "scales": list(scales), "flip": bool(flip), "images": len(dataset),
-                    "seconds": round(time.time() - start, 2)}
+    result: Dict = {
+        "variant": variants[-1],
+        "scales": list(scales),
+        "flip": bool(flip),
+        "images": len(dataset),
+        "seconds": round(time.time() - start, 2),
+    }
     for v in variants:
         iou = meters[v].iou()
-        result[v] = {"miou": meters[v].miou(),
-                     "per_class_iou": {n: (None if not np.isfinite(x) else float(x)) for n, x in zip(names, iou)}}
+        result[v] = {
+            "miou": meters[v].miou(),
+            "per_class_iou": {n: (None if not np.isfinite(x) else float(x)) for n, x in zip(names, iou)},
+        }
     result["miou"] = result[variants[-1]]["miou"]
     if log is not None:
-        log.info(f"per-class IoU ({variants[-1]}):\n" + format_iou_table(list(result[variants[-1]]["per_class_iou"]
-                                                                              .values()), names, result["miou"]))
+        log.info(
+            f"per-class IoU ({variants[-1]}):\n"
+            + format_iou_table(list(result[variants[-1]]["per_class_iou"].values()), names, result["miou"])
+        )
         log.info("mIoU: " + ", ".join(f"{v} {100 * result[v]['miou']:.2f}%" for v in variants))
     return result

@@ -27,8 +27,15 @@ from tqdm import tqdm
 from .. import distributed
 from ..data.seg_pairs import SegmentationPairs
 from ..model.segmentation import build_segmentation_model, seg_param_groups, segmentation_loss
-from ..utils.checkpoint import (LATEST_NAME, capture_rng_state, load_checkpoint, load_model_state,
-                                resolve_resume, restore_rng_state, save_checkpoint)
+from ..utils.checkpoint import (
+    LATEST_NAME,
+    capture_rng_state,
+    load_checkpoint,
+    load_model_state,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
 
 
 def poly_factor(step: int, total: int, power: float = 0.9) -> float:
@@ -42,7 +49,9 @@ class SegmentationInterrupted(Exception):
     """Raised after SIGINT / SIGTERM once the checkpoint of the last finished step is written."""
 
     def __init__(self, path: Optional[str], step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint {path} written -- continue with --resume auto")
+        super().__init__(
+            f"interrupted at step {step}; checkpoint {path} written -- continue with --resume auto"
+        )
         self.path, self.step = path, step
 
 
@@ -62,9 +71,17 @@ class SegTrainer:
         self.num_classes = args.num_classes + 1  # background included
         self.train_set = None
         if not args.eval_only:
-            self.train_set = SegmentationPairs(args.train_list, args.images, args.labels, self.num_classes, train=True,
-                                               crop_size=args.crop_size, scale_range=args.scale_range,
-                                               flip=args.flip, seed=args.seed)
+            self.train_set = SegmentationPairs(
+                args.train_list,
+                args.images,
+                args.labels,
+                self.num_classes,
+                train=True,
+                crop_size=args.crop_size,
+                scale_range=args.scale_range,
+                flip=args.flip,
+                seed=args.seed,
+            )
         # frozen BatchNorm (deeplabv2): "auto" means frozen when a pretrained backbone is loaded
         freeze = bool(args.pretrained) if args.freeze_bn is None else bool(args.freeze_bn)
         self.config = {"backbone": args.backbone, "num_classes": self.num_classes, "freeze_bn": freeze}
@@ -81,11 +98,19 @@ class SegTrainer:
                 raise ValueError(f"--resume {path}: the checkpoint's network differs from these flags "
                                  f"(checkpoint, flags): {diff}")
         # weights come from the checkpoint when resuming: the pretrained file is not read then
-        self.model = build_segmentation_model(self.config["backbone"], self.config["num_classes"],
-                                              None if state else args.pretrained, freeze_bn=self.config["freeze_bn"])
+        self.model = build_segmentation_model(
+            self.config["backbone"],
+            self.config["num_classes"],
+            None if state else args.pretrained,
+            freeze_bn=self.config["freeze_bn"],
+        )
         self.model.to(self.device)
-        self.optimizer = torch.optim.SGD(seg_param_groups(self.model, args.lr, args.weight_decay, args.new_lr_mult),
-                                         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            seg_param_groups(self.model, args.lr, args.weight_decay, args.new_lr_mult),
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+        )
         if self.world > 1:
             # the model above is the same on every rank (same seed); the dropout draws (deeplabv3)
             # should differ.  Augmentation draws are per item (seg_pairs), not from this RNG.
@@ -95,7 +120,10 @@ class SegTrainer:
         self.forward_model = self.model
         if self.world > 1 and not args.eval_only:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.forward_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+            self.forward_model = DDP(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if args.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.stop_requested = False
@@ -123,17 +151,27 @@ class SegTrainer:
         if not self.is_main:
             return None
         spe = self.steps_per_epoch()
-        return save_checkpoint(os.path.join(self.args.out, LATEST_NAME), model=self.model, optimizer=self.optimizer,
-                               epoch=self.step // spe, step=self.step, epoch_done=self.step % spe == 0,
-                               batch_in_epoch=self.step % spe, model_config=self.config, args=vars(self.args),
-                               keep=self.args.keep, extra={"kind": "segmentation", "rng_per_rank": per_rank,
-                                                           "world_size": self.world})
+        return save_checkpoint(
+            os.path.join(self.args.out, LATEST_NAME),
+            model=self.model,
+            optimizer=self.optimizer,
+            epoch=self.step // spe,
+            step=self.step,
+            epoch_done=self.step % spe == 0,
+            batch_in_epoch=self.step % spe,
+            model_config=self.config,
+            args=vars(self.args),
+            keep=self.args.keep,
+            extra={"kind": "segmentation", "rng_per_rank": per_rank, "world_size": self.world},
+        )
 
     def request_stop(self, signum=None, frame=None) -> None:
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
-        self.log.warning("stop requested: saving a checkpoint after this step (send it again to abort without one)")
+        self.log.warning(
+            "stop requested: saving a checkpoint after this step (send it again to abort without one)"
+        )
 
     # ---- data ----
     def steps_per_epoch(self) -> int:
@@ -141,8 +179,12 @@ class SegTrainer:
 
     def batches(self, epoch: int, skip: int) -> DataLoader:
         """This rank's batches of ``epoch`` (keys (index, epoch)), the first ``skip`` left out."""
-        batches = [[(i, epoch) for i in batch] for batch in
-                   distributed.rank_batches(len(self.train_set), self.args.batch_size, self.args.seed, epoch, skip)]
+        batches = [
+            [(i, epoch) for i in batch]
+            for batch in distributed.rank_batches(
+                len(self.train_set), self.args.batch_size, self.args.seed, epoch, skip
+            )
+        ]
         return DataLoader(self.train_set, batch_sampler=batches, num_workers=self.args.num_workers,
                           pin_memory=self.device.type == "cuda")
 
@@ -164,8 +206,10 @@ class SegTrainer:
         bad, stop = distributed.any_rank([not math.isfinite(value), self.stop_requested])
         self.stop_requested = stop
         if bad:
-            raise FloatingPointError(f"non-finite loss at step {self.step + 1} (lr {lr:.3g}); stopped before the "
-                                     f"update, the last checkpoint is kept. Lower --lr?")
+            raise FloatingPointError(
+                f"non-finite loss at step {self.step + 1} (lr {lr:.3g}); stopped before the "
+                f"update, the last checkpoint is kept. Lower --lr?"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -176,7 +220,9 @@ class SegTrainer:
         """Train to ``min(--max-steps, --steps)``; returns {steps, train_seconds, last_loss}.
 
         SIGINT / SIGTERM: checkpoint after the current step, then :class:`SegmentationInterrupted`."""
-        signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        signals = (
+            (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        )
         previous = {sig: signal.signal(sig, self.request_stop) for sig in signals}
         try:
             return self._fit()
@@ -188,23 +234,34 @@ class SegTrainer:
         args = self.args
         stop = args.steps if args.max_steps is None else min(args.max_steps, args.steps)
         spe = self.steps_per_epoch()
-        self.log.info(f"segmentation: {args.backbone} on {len(self.train_set)} images ({self.num_classes} classes) "
-                      f"on {self.device}" + (f" x {self.world} processes" if self.world > 1 else "") +
-                      f", steps {self.step} -> {stop} of {args.steps} ({spe} per epoch), batch {args.batch_size}, "
-                      f"crop {args.crop_size}, lr {args.lr:g} (x{args.new_lr_mult:g} new layers, poly "
-                      f"{args.poly_power:g}), amp {'bf16' if args.amp else 'off'}, compile "
-                      f"{'on' if args.compile else 'off'}, out {args.out}")
+        self.log.info(
+            f"segmentation: {args.backbone} on {len(self.train_set)} images ({self.num_classes} classes) "
+            f"on {self.device}"
+            + (f" x {self.world} processes" if self.world > 1 else "")
+            + f", steps {self.step} -> {stop} of {args.steps} ({spe} per epoch), batch {args.batch_size}, "
+            f"crop {args.crop_size}, lr {args.lr:g} (x{args.new_lr_mult:g} new layers, poly "
+            f"{args.poly_power:g}), amp {'bf16' if args.amp else 'off'}, compile "
+            f"{'on' if args.compile else 'off'}, out {args.out}"
+        )
         self.model.train()
         start, losses, last_saved = time.time(), [], self.step
-        bar = tqdm(total=stop, initial=self.step, desc="segment", disable=not (args.progress and self.is_main),
-                   dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(
+            total=stop,
+            initial=self.step,
+            desc="segment",
+            disable=not (args.progress and self.is_main),
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         while self.step < stop:
             epoch = self.step // spe
             for batch in self.batches(epoch, self.step % spe):
                 losses.append(self.train_step(batch))
                 bar.update(1)
-                bar.set_postfix({"loss": f"{losses[-1]:.3f}", "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}"},
-                                refresh=False)
+                bar.set_postfix(
+                    {"loss": f"{losses[-1]:.3f}", "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}"},
+                    refresh=False,
+                )
                 if self.stop_requested:
                     bar.close()
                     raise SegmentationInterrupted(self.save(), self.step)

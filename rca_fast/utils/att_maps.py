@@ -217,8 +217,16 @@ class AttentionMaps:
         have, geo = reduce_max(have).bool(), reduce_max(geo)
         keys = [tuple(k) for k in have.nonzero().tolist()]          # the common layout
         cells = [int(geo[i, 2] * geo[i, 3]) for i, _ in keys]
-        flat = torch.cat([self.maps[k].reshape(-1) if k in self.maps else torch.zeros(cells[j], dtype=torch.uint8)
-                          for j, k in enumerate(keys)]) if keys else torch.zeros(0, dtype=torch.uint8)
+        flat = (
+            torch.cat(
+                [
+                    self.maps[k].reshape(-1) if k in self.maps else torch.zeros(cells[j], dtype=torch.uint8)
+                    for j, k in enumerate(keys)
+                ]
+            )
+            if keys
+            else torch.zeros(0, dtype=torch.uint8)
+        )
         step = max(1, int(chunk_bytes))
         for start in range(0, flat.numel(), step):
             flat[start:start + step] = reduce_max(flat[start:start + step])
@@ -265,7 +273,8 @@ class AttentionMaps:
         """Tensors only (checkpoints load with weights_only=True)."""
         keys = sorted(self.maps)
         shapes = [tuple(self.maps[k].shape) for k in keys]
-        flat = torch.cat([self.maps[k].reshape(-1) for k in keys]) if keys else torch.zeros(0, dtype=torch.uint8)
+        flat = torch.cat([self.maps[k].reshape(-1) for k in keys]) if keys else torch.zeros(0,
+                                                                                            dtype=torch.uint8)
         sizes = sorted(self.sizes)
         return {"keys": torch.tensor(keys, dtype=torch.int64).reshape(-1, 2),
                 "shapes": torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2), "values": flat,
@@ -277,7 +286,8 @@ class AttentionMaps:
         """Restore (or, with ``merge``, max-merge) a :meth:`state_dict`; ValueError on another dataset."""
         exists = state["exists"].cpu().bool()
         if tuple(exists.shape) != tuple(self.exists.shape):
-            raise ValueError(f"attention maps in the checkpoint are for {tuple(exists.shape)} (images, classes), "
+            raise ValueError(f"attention maps in the checkpoint are for {tuple(exists.shape)} (images, "
+                             "classes), "
                              f"this run has {tuple(self.exists.shape)}")
         if not merge:
             self.maps, self.sizes = {}, {}

@@ -55,7 +55,8 @@ def multiscale_cams(model: torch.nn.Module, images: torch.Tensor, *, scales: Seq
     total, logits, passes = None, None, 0
     for scale in scales:
         size = scaled_size(H, W, scale) if scale != 1.0 else (H, W)
-        x = images if size == (H, W) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        x = images if size == (H, W) else F.interpolate(images, size=size, mode="bilinear",
+                                                        align_corners=False)
         batch = torch.cat([x, x.flip(-1)]) if flip else x
         out = model(batch)
         cams = F.interpolate(F.relu(out.cams.float()), size=out_size, mode="bilinear", align_corners=False)
@@ -71,7 +72,8 @@ def multiscale_cams(model: torch.nn.Module, images: torch.Tensor, *, scales: Seq
     return total, logits / passes
 
 
-def normalise_cams(cams: torch.Tensor, present: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+def normalise_cams(cams: torch.Tensor, present: Optional[torch.Tensor] = None,
+                   eps: float = 1e-5) -> torch.Tensor:
     """Divide each (b, l) map by its maximum; classes not ``present`` (B, L) become 0."""
     peak = cams.flatten(2).amax(dim=2).clamp_min(0)[..., None, None]
     cams = cams.clamp_min(0) / (peak + eps)

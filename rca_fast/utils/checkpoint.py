@@ -49,7 +49,8 @@ def capture_rng_state() -> Dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": list(cuda),
         "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np.asarray(np_state[1], np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
         "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64),
                    "gauss": py_gauss},
     }
@@ -213,7 +214,8 @@ def check_model_state(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor
     if bank_key is not None and bank_key in state_dict:
         theirs, mine = tuple(state_dict[bank_key].shape), tuple(own[bank_key].shape)
         if theirs != mine:
-            raise ValueError(f"{path}: the checkpoint's memory bank has shape (classes, slots, dim) = {theirs} "
+            raise ValueError(f"{path}: the checkpoint's memory bank has shape (classes, slots, dim) = "
+                             f"{theirs} "
                              f"({theirs[0]} classes) but this model's has {mine} ({mine[0]} classes)")
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

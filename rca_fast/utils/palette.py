@@ -28,7 +28,8 @@ def save_label_png(path: str, label: np.ndarray) -> None:
     if label.ndim != 2:
         raise ValueError(f"save_label_png: label must be (H, W), got shape {label.shape}")
     if label.size and (label.min() < 0 or label.max() > 255):
-        raise ValueError(f"save_label_png: label values must be in [0, 255], got [{label.min()}, {label.max()}]")
+        raise ValueError(f"save_label_png: label values must be in [0, 255], got [{label.min()}, "
+                         f"{label.max()}]")
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)

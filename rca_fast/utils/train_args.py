@@ -19,10 +19,12 @@ import torch
 
 DATASET_DEFAULTS = {
     "synthetic": dict(num_classes=6, backbone="tiny", input_size=96, crop_size=96, batch_size=16, lr=0.01,
-                      epoch=15, decay_points="12", bank_slots=64, num_workers=0, snapshot_dir="runs/synthetic",
+                      epoch=15, decay_points="12", bank_slots=64, num_workers=0,
+                      snapshot_dir="runs/synthetic",
                       num_images=640, val_images=160),
     "voc": dict(num_classes=20, backbone="vgg16", input_size=368, crop_size=368, batch_size=8, lr=1e-3,
-                epoch=30, decay_points="5,10", bank_slots=500, num_workers=8, snapshot_dir="runs/pascal/model",
+                epoch=30, decay_points="5,10", bank_slots=500, num_workers=8,
+                snapshot_dir="runs/pascal/model",
                 num_images=0, val_images=0),
     "coco": dict(num_classes=80, backbone="vgg16", input_size=368, crop_size=368, batch_size=8, lr=1e-3,
                  epoch=30, decay_points="5,10", bank_slots=500, num_workers=8, snapshot_dir="runs/coco/model",
@@ -39,9 +41,9 @@ DATASET_DEFAULTS = {
 # benchmarks/results/method_check*.md.  Its input pipeline is the public one: the earlier
 # "augmented" pipeline was never measured better, so it is only an option.
 RECIPES = {
-    "public": dict(aggregation="linear", attention_scale="sqrt", prototype_init="randn", aggregation_start_epoch=2,
-                   first_write="ema", kmeans_warm_start=False, aggregation_zero_start=False,
-                   input_pipeline="public"),
+    "public": dict(aggregation="linear", attention_scale="sqrt", prototype_init="randn",
+                   aggregation_start_epoch=2, first_write="ema", kmeans_warm_start=False,
+                   aggregation_zero_start=False, input_pipeline="public"),
     "improved": dict(aggregation="softmax", attention_scale="sqrt", prototype_init="zeros",
                      aggregation_start_epoch=4, first_write="copy", kmeans_warm_start=True,
                      aggregation_zero_start=True, input_pipeline="public"),
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--img_dir", default=None, help="image folder (default: DATA_ROOT/JPEGImages)")
     pub.add_argument("--train_list", default=None,
                      help="training list 'name c c ...' (0-based) or bare names with --cls-labels "
-                          "(default: DATA_ROOT/train_cls.txt, then DATA_ROOT/ImageSets/Segmentation/train_cls.txt)")
+                          "(default: DATA_ROOT/train_cls.txt, then .../ImageSets/Segmentation/train_cls.txt)")
     pub.add_argument("--test_list", default=None,
                      help="list of images for the CAM evaluation at the end (default: DATA_ROOT/val_cls.txt, "
                           "then .../ImageSets/Segmentation/val_cls.txt; skipped when absent)")
@@ -89,17 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--resume", default=None,
                      help="checkpoint to continue from, or 'auto': the newest in --out (a fresh run when "
                           "there is none); continues exactly where it stopped, mid-epoch included")
-    pub.add_argument("--threshold", type=float, default=None, help=argparse.SUPPRESS)  # public, unused there too
+    # public, unused there too
+    pub.add_argument("--threshold", type=float, default=None, help=argparse.SUPPRESS)
 
     ours = p.add_argument_group("rca_fast flags")
     ours.add_argument("--dataset", choices=sorted(DATASET_DEFAULTS) + ["pascal_voc"], default=None,
                       help="default: synthetic, or voc (coco with --num_classes 80) when --img_dir, "
                            "--train_list or --test_list is given, as the public script trains on them; "
                            "pascal_voc (the public script's name) = voc")
-    ours.add_argument("--data-root", default="data", help="VOC/COCO folder (JPEGImages/, SegmentationClass[Aug]/)")
+    ours.add_argument("--data-root", default="data",
+                      help="VOC/COCO folder (JPEGImages/, SegmentationClass[Aug]/)")
     ours.add_argument("--cls-labels", default=None, help="IRN cls_labels.npy for lists of bare names")
     ours.add_argument("--mask-dir", default=None,
-                      help="ground-truth masks for the final CAM mIoU (default: DATA_ROOT/SegmentationClassAug "
+                      help="ground-truth masks for the final CAM mIoU (default: "
+                           "DATA_ROOT/SegmentationClassAug "
                            "or SegmentationClass)")
     ours.add_argument("--backbone", choices=("vgg16", "resnet50", "tiny"), default=None,
                       help="synthetic: tiny; voc/coco: vgg16")
@@ -108,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "Required for --backbone vgg16/resnet50 (the public code always starts from "
                            "ImageNet weights); 'none' trains them from scratch on purpose")
     ours.add_argument("--device", default=None, help="cuda / cpu / cuda:1 (default: cuda when available)")
-    ours.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and synthetic data")
-    ours.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in all")
+    ours.add_argument("--seed", type=int, default=0,
+                      help="seed of the model, the data order and synthetic data")
+    ours.add_argument("--max-steps", type=int, default=None,
+                      help="stop after this many optimiser steps in all")
     ours.add_argument("--no-contrast", dest="contrast", action="store_false", help="drop the contrast loss")
     ours.add_argument("--no-aggregation", action="store_true", help="drop the prototype aggregation")
     ours.add_argument("--no-mixup", dest="mixup", action="store_false", help="contrast without region mixup")
@@ -134,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prototypes before the first k-means: randn (public code) or zeros (a constant, "
                            "uniform aggregation context)")
     ours.add_argument("--aggregation-start-epoch", type=int, default=None,
-                      help="1-based epoch from which the prototypes are k-means of the bank (refreshed at the "
+                      help="1-based epoch from which the prototypes are k-means of the bank (refreshed at "
+                           "the "
                            "start of every epoch); before it they stay at --prototype-init. Public code: 2")
     ours.add_argument("--first-write", choices=("ema", "copy"), default=None,
                       help="a bank slot's first write: ema (public: 1%% region, 99%% initial noise) or copy")
@@ -142,14 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
                       default=None, help="k-means after the first from the previous prototypes (Lloyd), "
                                          "first one with the fixed seed --seed")
     ours.add_argument("--aggregation-zero-start", action="store_const", const=True, default=None,
-                      help="zero the aggregation's output conv (the public 'aggre') at --aggregation-start-epoch, "
+                      help="zero the aggregation's output conv (the public 'aggre') at "
+                           "--aggregation-start-epoch, "
                            "so the switch to k-means prototypes does not change the fused features at once")
     ours.add_argument("--no-kmeans-warm-start", dest="kmeans_warm_start", action="store_const", const=False,
                       help="a fresh k-means (new seed) at every refresh, also under --recipe improved")
     ours.add_argument("--no-aggregation-zero-start", dest="aggregation_zero_start", action="store_const",
                       const=False, help="keep the output conv at the switch, also under --recipe improved")
-    ours.add_argument("--kmeans-n-init", type=int, default=10,
-                      help="k-means restarts per refresh (10: scikit-learn's default in the public code's time)")
+    ours.add_argument(
+        "--kmeans-n-init",
+        type=int,
+        default=10,
+        help="k-means restarts per refresh (10: scikit-learn's default in the public code's time)",
+    )
     ours.add_argument("--kmeans-iters", type=int, default=300,
                       help="most Lloyd iterations per k-means run (300: scikit-learn's max_iter default, "
                            "which the public code uses)")
@@ -167,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--contrast-start-epoch", type=int, default=3,
                       help="1-based epoch the contrast term starts (3: the public code skips it while its "
                            "0-based epoch is < 2)")
-    ours.add_argument("--shared-final-head", action="store_true", help="one final CAM head, not one per class")
+    ours.add_argument("--shared-final-head", action="store_true",
+                      help="one final CAM head, not one per class")
     ours.add_argument("--num-images", type=int, default=None, help="synthetic training images (640)")
     ours.add_argument("--val-images", type=int, default=None,
                       help="images for the final CAM mIoU (synthetic: 160 generated; voc/coco: 0 = all)")
@@ -267,7 +281,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         seg = os.path.join(root, "ImageSets", "Segmentation")
         args.img_dir = args.img_dir or os.path.join(root, "JPEGImages")
         if args.train_list is None:
-            args.train_list = _first_file(os.path.join(root, "train_cls.txt"), os.path.join(seg, "train_cls.txt"))
+            args.train_list = _first_file(os.path.join(root, "train_cls.txt"),
+                                          os.path.join(seg, "train_cls.txt"))
             if args.train_list is None:
                 raise FileNotFoundError(f"no training list: give --train_list (looked for "
                                         f"{os.path.join(root, 'train_cls.txt')} and "
@@ -292,11 +307,12 @@ def require_pretrained(args: argparse.Namespace, resuming: bool = False) -> None
     from the checkpoint."""
     if args.backbone in WEIGHT_FILES and args.pretrained is None and not args.from_scratch and not resuming:
         raise ValueError(
-            f"--backbone {args.backbone} needs --pretrained: the public code starts from ImageNet weights and "
-            f"rca_fast never downloads them. Give a local torchvision state dict, e.g. --pretrained "
+            f"--backbone {args.backbone} needs --pretrained: the public code starts from ImageNet weights "
+            f"and rca_fast never downloads them. Give a local torchvision state dict, e.g. --pretrained "
             f"~/.cache/torch/hub/checkpoints/{WEIGHT_FILES[args.backbone]} (torchvision's file; "
             f"torchvision.models.{args.backbone}(weights='IMAGENET1K_V1') downloads it there on a machine "
-            f"with network), or --pretrained none to train from scratch on purpose")
+            f"with network), or --pretrained none to train from scratch on purpose"
+        )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -30,6 +30,8 @@ gather of ``MemoryBank.update`` (checked every ``--check-bank-every`` steps), on
 ``--amp``: bf16 autocast of the forward; ``--compile``: torch.compile of the model.
 
 Importable: ``rca_fast.train.main(argv) -> metrics dict``; :class:`Trainer` holds the parts.
+This package is the training layer (shared by the programs: the profiler's step mode and the
+method check build a Trainer); the program is ``rca_fast/train/__main__.py``.
 """
 from __future__ import annotations
 
@@ -38,96 +40,38 @@ import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import distributed
-from .data.training import build_datasets
-from .model.losses import rca_loss
-from .utils.cams import multiscale_cams, normalise_cams, parse_scales
-from .utils.att_maps import AttentionMaps
-from .utils.checkpoint import (LATEST_NAME, capture_rng_state, load_checkpoint, load_model_state,
-                               resolve_resume, restore_rng_state, save_checkpoint)
-from .utils.metrics import CamSweepMeter, format_iou_table
-from .utils.train_args import parse_args, require_pretrained
+from .. import distributed
+from ..data.collate import collate
+from ..data.training import build_datasets
+from ..model.config import build_model, kaiming_init_, model_config
+from ..model.losses import rca_loss
+from ..utils.att_maps import AttentionMaps
+from ..utils.cams import multiscale_cams, normalise_cams, parse_scales
+from ..utils.checkpoint import (
+    LATEST_NAME,
+    capture_rng_state,
+    load_checkpoint,
+    load_model_state,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
+from ..utils.metrics import CamSweepMeter, format_iou_table
+from ..utils.threads import cpu_threads
+from ..utils.train_args import parse_args, require_pretrained
 
 LOSS_KEYS = ("loss", "cls", "coarse_cls", "contrast")
 
 
-def collate(items: List[Dict]) -> Dict:
-    """Stack tensor fields; keep names, indices, sizes (and missing labels) as lists."""
-    out = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        if all(isinstance(v, torch.Tensor) for v in values):
-            out[key] = torch.stack(values)
-        else:
-            out[key] = values
-    return out
-
-
-def model_config(args) -> Dict:
-    """RCAModel keyword arguments from the flags (plain values: stored in checkpoints)."""
-    return dict(num_classes=args.num_classes, backbone=args.backbone, bank_slots=args.bank_slots,
-                prototypes=args.prototypes, gamma=args.gamma, score_threshold=args.score_threshold,
-                temperature=args.temperature, contrast=bool(args.contrast), mixup=bool(args.mixup),
-                mixup_alpha=args.mixup_alpha, aggregation=args.aggregation_mode,
-                shared_final_head=bool(args.shared_final_head), bank_dtype=getattr(args, "bank_dtype", "float32"),
-                attention_scale=getattr(args, "attention_scale", "sqrt"),
-                prototype_init=getattr(args, "prototype_init", "randn"),
-                first_write=getattr(args, "first_write", "ema"),
-                kmeans_warm_start=bool(getattr(args, "kmeans_warm_start", False)))
-
-
-def build_model(config: Dict, pretrained: Optional[str] = None):
-    """An RCAModel from a :func:`model_config` dict (as stored in a checkpoint)."""
-    from .model.rca import RCAModel
-    from .utils.checkpoint import dtype_from_name
-
-    kwargs = dict(config)
-    kwargs["bank_dtype"] = dtype_from_name(kwargs.get("bank_dtype", "float32"))
-    return RCAModel(pretrained=pretrained, **kwargs)
-
-
-def kaiming_init_(model: torch.nn.Module, keep_pretrained: bool = False) -> None:
-    """He-normal (fan-in, ReLU) weights and zero biases for every conv and linear layer
-    (with ``keep_pretrained``: of the layers not loaded from a pretrained backbone file).
-
-    Why: the tiny backbone and the CAM heads have no normalisation layers; under PyTorch's
-    default init each conv + ReLU shrinks the signal about 2.4x, so across the 8 layers from
-    image to CAM it all but vanishes and SGD stays at the class prior.  He-normal keeps the
-    scale, and the network learns.  (VGG16/ResNet50 come with their own init or weights.)
-    """
-    modules = model.new_modules() if keep_pretrained else [model]
-    # The linear (public) aggregation keeps the public init (convs N(0, 0.01), PyTorch's Linear):
-    # its output is a product of three He-scaled maps, q.k summed over all L*K prototypes times v,
-    # which is not a conv + ReLU stack; He-normal there gave logits ~1e9 in the first steps and a
-    # NaN loss (synthetic data, tiny backbone, lr 0.01).
-    skip = set(model.aggregation.modules()) if getattr(model.aggregation, "mode", None) == "linear" else set()
-    for module in (m for top in modules for m in top.modules() if m not in skip):
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-
-
-def cpu_threads(requested: int) -> int:
-    """Threads for torch on the CPU: ``requested``, or (0) torch's own count -- fixed by the
-    machine (its cores, or OMP_NUM_THREADS), never by its load: the thread count changes a CPU
-    run's float sums and so its result (the same seed gave 58.3% and 40.3% CAM mIoU with 1 and 2
-    threads), so a count read from the load made two runs of one command differ.  On a busy
-    machine ``--threads`` with fewer threads runs faster (2 threads on 2 busy cores ran 7x slower
-    than 1)."""
-    if requested > 0:
-        return requested
-    return torch.get_num_threads()
 
 
 class TrainingInterrupted(Exception):
@@ -196,7 +140,8 @@ class Trainer:
             # broadcast_buffers=False: the bank is kept identical by MemoryBank.update's rank-ordered
             # gather (checked by --check-bank-every), so re-broadcasting L*S*D every forward is waste.
             # find_unused_parameters: before the contrast term starts the projector gets no gradient.
-            self.forward_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            self.forward_model = DDP(self.model,
+                                     device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                      broadcast_buffers=False, find_unused_parameters=True)
         if args.compile:
             self.forward_model = torch.compile(self.forward_model, backend=args.compile_backend)
@@ -229,7 +174,8 @@ class Trainer:
         if self.att_maps is not None and state.get("att_maps"):
             self.att_maps.load_state_dict(state["att_maps"])
         elif self.att_maps is not None and self.epoch >= self.att_maps.start_epoch:
-            self.log.warning(f"--att_dir: {path} was trained without --att_dir through epoch {self.epoch}: the "
+            self.log.warning(f"--att_dir: {path} was trained without --att_dir through epoch {self.epoch}: "
+                             "the "
                              f"maps hold only the epochs from here on, not the maximum since epoch "
                              f"{self.att_maps.start_epoch}")
         self.last_saved_step = self.step
@@ -244,13 +190,16 @@ class Trainer:
                              f"continued run are fresh, so it is not bit-identical to an uninterrupted one")
         sampler = state.get("sampler") or {}
         if not self.epoch_done and sampler.get("world_size", self.world) != self.world:
-            self.log.warning(f"{path} stopped mid-epoch with {sampler.get('world_size')} processes, resumed with "
+            self.log.warning(f"{path} stopped mid-epoch with {sampler.get('world_size')} processes, resumed "
+                             "with "
                              f"{self.world}: the rest of epoch {self.epoch} is skipped by batch count only")
-        self.log.info(f"resumed from {path}: epoch {self.epoch} ({'done' if self.epoch_done else 'partial'}), "
+        self.log.info(f"resumed from {path}: epoch {self.epoch} "
+                      f"({'done' if self.epoch_done else 'partial'}), "
                       f"step {self.step}")
 
     def save(self, extra: Optional[Dict] = None, rng: Optional[Dict] = None) -> Optional[str]:
-        """Checkpoint (collective under torch.distributed: every rank's RNG state is gathered; rank 0 writes)."""
+        """Checkpoint (collective under torch.distributed: every rank's RNG state is gathered; rank 0
+        writes)."""
         rng = rng if rng is not None else capture_rng_state()
         per_rank = None
         if self.world > 1:
@@ -262,21 +211,30 @@ class Trainer:
         if not self.is_main:
             return None
         path = os.path.join(self.args.out, LATEST_NAME)
-        scheduler = {"kind": "step-per-epoch", "base_lr": self.args.lr, "decay_points": self.args.decay_points_list,
+        scheduler = {"kind": "step-per-epoch", "base_lr": self.args.lr,
+                     "decay_points": self.args.decay_points_list,
                      "lr_factor": self.lr_factor(max(self.epoch, 1))}
-        sampler = {"kind": "DistributedSampler", "seed": self.args.seed, "epoch": self.epoch,
-                   "shuffle": self.shuffled(), "drop_last": self.shuffled(), "batch_in_epoch": self.batch_in_epoch,
-                   "world_size": self.world}
+        sampler = {
+            "kind": "DistributedSampler",
+            "seed": self.args.seed,
+            "epoch": self.epoch,
+            "shuffle": self.shuffled(),
+            "drop_last": self.shuffled(),
+            "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.world,
+        }
         return save_checkpoint(path, model=self.model, optimizer=self.optimizer, epoch=self.epoch,
                                step=self.step, epoch_done=self.epoch_done, batch_in_epoch=self.batch_in_epoch,
                                model_config=self.config, args=vars(self.args), keep=self.args.keep,
-                               extra=dict(seconds=self.seconds, class_names=self.class_names, scheduler=scheduler,
+                               extra=dict(seconds=self.seconds, class_names=self.class_names,
+                                          scheduler=scheduler,
                                           sampler=sampler, rng=rng, rng_per_rank=per_rank,
                                           att_maps=self.att_maps.state_dict() if self.att_maps else None,
                                           **(extra or {})))
 
     def request_stop(self, signum=None, frame=None) -> None:
-        """SIGINT/SIGTERM handler: finish the current step, checkpoint, stop.  A second signal stops at once."""
+        """SIGINT/SIGTERM handler: finish the current step, checkpoint, stop.  A second signal stops at
+        once."""
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
@@ -306,8 +264,9 @@ class Trainer:
     def batches(self, epoch: int, skip: int = 0) -> DataLoader:
         """This rank's batches of the epoch (:func:`distributed.rank_batches`: the partial last one
         kept (public) or dropped (augmented)), the first ``skip`` left out."""
-        batches = distributed.rank_batches(len(self.train_set), self.args.batch_size, self.args.seed, epoch, skip,
-                                           shuffle=self.shuffled())
+        batches = distributed.rank_batches(
+            len(self.train_set), self.args.batch_size, self.args.seed, epoch, skip, shuffle=self.shuffled()
+        )
         # own generator: the loader's base seed must not come from (and advance) the global RNG,
         # or a resumed run would draw differently from an uninterrupted one
         loader_gen = torch.Generator().manual_seed(self.args.seed * 100003 + epoch * 101 + self.rank)
@@ -328,7 +287,8 @@ class Trainer:
         # 0/1 checked here on the loader's host tensor: RCAModel checks non-bool labels itself, which
         # reads them back from the device (a host sync per step); it gets them as bool instead
         if not bool(((tags == 0) | (tags == 1)).all()):
-            raise ValueError(f"batch labels must be 0/1 multi-hot, got values {sorted(set(tags.flatten().tolist()))}")
+            raise ValueError("batch labels must be 0/1 multi-hot, got values "
+                             f"{sorted(set(tags.flatten().tolist()))}")
         labels = tags.to(self.device, non_blocking=True).float()
         # without contrast and aggregation no bank row is used: no labels, no region pooling
         present = (labels != 0) if self.uses_bank else None
@@ -400,7 +360,8 @@ class Trainer:
             seed = self.args.seed if self.args.kmeans_warm_start else self.args.seed * 1000 + epoch
             self.model.refresh_prototypes(seed=seed, n_init=self.args.kmeans_n_init,
                                           iters=getattr(self.args, "kmeans_iters", 300))
-            if getattr(self.args, "aggregation_zero_start", False) and epoch == self.args.aggregation_start_epoch:
+            zero_start = getattr(self.args, "aggregation_zero_start", False)
+            if zero_start and epoch == self.args.aggregation_start_epoch:
                 # the first k-means prototypes replace the earlier context at once; with the
                 # aggregation's output conv zeroed the fused features do not jump, the context
                 # enters as that conv learns (measured: the jump knocked whole runs back)
@@ -410,7 +371,8 @@ class Trainer:
         rows, count, start = 0, 0, time.time()
         self.epoch, self.epoch_done, self.batch_in_epoch = epoch, False, skip
         total = self.steps_per_epoch()
-        bar = tqdm(self.batches(epoch, skip), total=total, initial=skip, desc=f"epoch {epoch}/{self.args.epoch}",
+        bar = tqdm(self.batches(epoch, skip), total=total, initial=skip,
+                   desc=f"epoch {epoch}/{self.args.epoch}",
                    disable=not (self.args.progress and self.is_main), leave=False, dynamic_ncols=True,
                    mininterval=0.5)
         for batch in bar:
@@ -438,9 +400,11 @@ class Trainer:
         return stats
 
     def fit(self) -> Dict:
-        """Train (Ctrl-C / SIGTERM: checkpoint and :class:`TrainingInterrupted`), evaluate on rank 0, write metrics."""
+        """Train (Ctrl-C / SIGTERM: checkpoint and :class:`TrainingInterrupted`), evaluate on rank 0,
+        write metrics."""
         # SIGTERM too: schedulers (SLURM) and torchrun's shutdown send it before killing a job
-        signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        signals = (signal.SIGINT,
+                   signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {sig: signal.signal(sig, self.request_stop) for sig in signals}
         try:
             return self._fit()
@@ -452,11 +416,13 @@ class Trainer:
     def _fit(self) -> Dict:
         args = self.args
         start = time.time()
-        self.log.info(f"training on {args.dataset} ({len(self.train_set)} images, {args.num_classes} classes) "
+        self.log.info(f"training on {args.dataset} ({len(self.train_set)} images, {args.num_classes} "
+                      "classes) "
                       f"on {self.device}" + (f" x {self.world} processes" if self.world > 1 else "") +
                       f": backbone {args.backbone}, contrast {'on' if args.contrast else 'off'}, "
                       f"mixup {'on' if args.mixup else 'off'}, aggregation {args.aggregation_mode}, "
-                      f"bank {args.num_classes}x{args.bank_slots}x{self.model.feature_dim} {args.bank_dtype}, "
+                      f"bank {args.num_classes}x{args.bank_slots}x{self.model.feature_dim} "
+                      f"{args.bank_dtype}, "
                       f"amp {'bf16' if args.amp else 'off'}, compile {'on' if args.compile else 'off'}, "
                       f"{args.epoch} epochs x {self.steps_per_epoch()} steps, out {args.out}"
                       + (f", {torch.get_num_threads()} CPU threads" if self.device.type == "cpu" else ""))
@@ -482,11 +448,18 @@ class Trainer:
             self.att_maps.merge_ranks()
             if self.is_main:
                 # a finished run only (a --max-steps stop is continued later by --resume)
-                filled = self.att_maps.fill_missing(self.model, self.train_set, args.batch_size, self.device, collate) \
-                    if self.epoch >= args.epoch and self.epoch_done else 0
+                filled = (
+                    self.att_maps.fill_missing(
+                        self.model, self.train_set, args.batch_size, self.device, collate
+                    )
+                    if self.epoch >= args.epoch and self.epoch_done
+                    else 0
+                )
                 if filled:
-                    self.log.info(f"--att_dir: {filled} tagged (image, class) pairs had no map after training "
-                                  f"(images not seen in the last epoch); written from one more forward pass")
+                    self.log.info(
+                        f"--att_dir: {filled} tagged (image, class) pairs had no map after training "
+                        f"(images not seen in the last epoch); written from one more forward pass"
+                    )
                 count = self.att_maps.write_pngs(progress=bool(args.progress))
                 self.log.info(f"--att_dir: wrote {count} attention maps to {args.att_dir}")
         train_seconds = time.time() - start
@@ -500,7 +473,8 @@ class Trainer:
                 self.log.info("no images with masks to evaluate (give --test_list and a mask folder)")
         metrics["seconds"] = round(time.time() - start, 2)
         metrics.update(dataset=args.dataset, device=str(self.device), backbone=args.backbone,
-                       contrast=bool(args.contrast), mixup=bool(args.mixup), aggregation=args.aggregation_mode,
+                       contrast=bool(args.contrast), mixup=bool(args.mixup),
+                       aggregation=args.aggregation_mode,
                        seed=args.seed, world_size=self.world,
                        cpu_threads=torch.get_num_threads() if self.device.type == "cpu" else None)
         self.save(extra={"cam_best_threshold": metrics.get("cam_best_threshold")}, rng=rng_at_stop)
@@ -525,7 +499,8 @@ class Trainer:
         loader = DataLoader(self.eval_set, batch_size=batch_size, shuffle=False, collate_fn=collate,
                             num_workers=0 if args.dataset == "synthetic" else min(args.num_workers, 4))
         start = time.time()
-        for batch in tqdm(loader, desc="CAM eval", disable=not args.progress, leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, desc="CAM eval", disable=not args.progress, leave=False,
+                          dynamic_ncols=True):
             images = batch["image"].to(self.device)
             out_size = tuple(batch["mask"].shape[-2:])
             labels = batch["label"]
@@ -554,16 +529,3 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     finally:
         torch.set_num_threads(threads)  # --threads may change it; leave callers as they were
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingInterrupted as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        sys.exit(130)  # the shell's code for a run ended by SIGINT
-    except FloatingPointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)

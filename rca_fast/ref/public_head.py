@@ -1,5 +1,6 @@
 """The RCA head written the way the public RCA code runs it: Python loops per image, per present
-class and per bank row (the baseline (a) of ``bench_rca_head.py``).
+class and per bank row (the baseline (a) of ``benchmarks/bench_rca_head.py`` and of the step
+profile's comparison, ``rca_fast.profile.step_mode.compare_public``).
 
 Written from the description in DESIGN §2 (no public code is copied):
   * masked average pooling per (image, present class): mask = softmax-over-classes CAM > its

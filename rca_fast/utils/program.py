@@ -1,0 +1,24 @@
+"""The one ``__main__`` wrapper of the programs: a known failure ends in one line, not a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence, Tuple, Type, Union
+
+Kinds = Union[Type[BaseException], Tuple[Type[BaseException], ...]]
+# bad flags, a malformed list or shape, a missing file: the user's to fix, said in one line
+USAGE_ERRORS: Tuple[Kinds, int, str] = ((FileNotFoundError, ValueError), 2, "error")
+
+
+def run_program(main: Callable[[], object], exits: Sequence[Tuple[Kinds, int, str]] = ()) -> None:
+    """Run ``main()``; on an exception of a known kind print ``'<word>: <message>'`` to stderr and
+    exit with its code.  ``exits`` lists further (exception kinds, exit code, word), checked in
+    order before :data:`USAGE_ERRORS` (FileNotFoundError / ValueError -> ``error:``, exit 2).
+    Anything else propagates with its traceback (a bug, not a usage error)."""
+    try:
+        main()
+    except BaseException as exc:
+        for kinds, code, word in list(exits) + [USAGE_ERRORS]:
+            if isinstance(exc, kinds):
+                print(f"{word}: {exc}", file=sys.stderr)
+                sys.exit(code)
+        raise
