@@ -75,6 +75,13 @@ def as_config(blocks: dict):
     return triton.Config(blocks, **options)
 
 
+def block_config(warps: int, stages: int, **blocks: int):
+    """A launchable ``triton.Config``: the block sizes, ``warps`` x ``stages``, maxnreg MAXNREG (every
+    op's config lists are built with it)."""
+    import triton
+    return triton.Config(blocks, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
+
+
 # ------------------------------------------------------------------------------- device facts
 _capture: Optional[List["LaunchPlan"]] = None
 _capture_sms: int = 0

@@ -143,8 +143,8 @@ PROGRAMS = {"rca_fast.train": {"rca_fast.train.__main__"}, "rca_fast.infer": {"r
             "rca_fast.pseudo": {"rca_fast.pseudo"}, "rca_fast.data": {"rca_fast.data.__main__"},
             "rca_fast.profile": PROFILE_PROGRAM,
             # step 3 of the workflow: its own trainer and predictor, used by no other program
-            "rca_fast.segment": {"rca_fast.segment.__main__", "rca_fast.segment.args", "rca_fast.segment.trainer",
-                                 "rca_fast.segment.predict", "rca_fast.segment"}}
+            "rca_fast.segment": {"rca_fast.segment", "rca_fast.segment.__main__", "rca_fast.segment.args",
+                                 "rca_fast.segment.trainer", "rca_fast.segment.predict"}}
 PROGRAM_MODULES = set().union(*PROGRAMS.values())
 PROVIDERS = ("rca_fast.ref", "rca_fast.kernels", "rca_fast._ext", "rca_fast.ops._dispatch")
 PROGS = tuple(sorted(PROGRAM_MODULES))   # forbidden below the programs (rca_fast.profile's CLI, ...)

@@ -20,7 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import MAXNREG, LaunchPlan, as_config, dtype_label, interpreting, launch, sm_count
+from ..launch_rule import (
+    MAXNREG,
+    LaunchPlan,
+    as_config,
+    block_config,
+    dtype_label,
+    interpreting,
+    launch,
+    sm_count,
+)
 from ..precise_math import exp_precise
 from .tiles import (
     TUNE_KEY,
@@ -210,12 +219,7 @@ def _sum_splits_kernel(
 
 
 def _cfg(m, p, d, dv, warps, stages):
-    return triton.Config(
-        dict(BLOCK_M=m, BLOCK_P=p, BLOCK_D=d, BLOCK_DV=dv),
-        num_warps=warps,
-        num_stages=stages,
-        maxnreg=MAXNREG,
-    )
+    return block_config(warps, stages, BLOCK_M=m, BLOCK_P=p, BLOCK_D=d, BLOCK_DV=dv)
 
 
 # Launchable configs of the scores kernel per precision family (``tiles.precision_family``),

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import MAXNREG, LaunchPlan, as_config, dtype_label, interpreting, launch
+from ..launch_rule import LaunchPlan, as_config, block_config, dtype_label, interpreting, launch
 from ..precise_math import div_precise, exp_precise, log_precise
 from .backward import attention_backward
 from .tiles import (
@@ -118,12 +118,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, M, P, D, DV, scale_h
 
 
 def _cfg(m, p, d, dv, warps, stages):
-    return triton.Config(
-        dict(BLOCK_M=m, BLOCK_P=p, BLOCK_D=d, BLOCK_DV=dv),
-        num_warps=warps,
-        num_stages=stages,
-        maxnreg=MAXNREG,
-    )
+    return block_config(warps, stages, BLOCK_M=m, BLOCK_P=p, BLOCK_D=d, BLOCK_DV=dv)
 
 
 # Launchable configs per precision mode, each checked by the sm_90a compile check (no spills, shared

@@ -27,7 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch, launch_options, sm_count
+from ..launch_rule import (
+    LaunchPlan,
+    block_config,
+    dtype_label,
+    interpreting,
+    launch,
+    launch_options,
+    sm_count,
+)
 from ..precise_math import exp_precise
 from .tiles import (
     DOT_F32X3,
@@ -129,8 +137,7 @@ def _nce_bwd_kernel(q_ptr, m_ptr, t_ptr, mt_ptr, w_ptr, stats_ptr, g_ptr, v_part
 
 
 def _cfg(block_s, block_d, warps, stages):
-    return triton.Config({"BLOCK_S": block_s, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages,
-                         maxnreg=MAXNREG)
+    return block_config(warps, stages, BLOCK_S=block_s, BLOCK_D=block_d)
 
 
 # Launchable configs per family, checked by the sm_90a compile check (no spills at BLOCK_N = 64,

@@ -33,7 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch, launch_options, sm_count
+from ..launch_rule import (
+    MAXNREG,
+    LaunchPlan,
+    block_config,
+    dtype_label,
+    interpreting,
+    launch,
+    launch_options,
+    sm_count,
+)
 from ..precise_math import exp_precise, log_precise
 from .backward import backward
 from .tiles import (
@@ -190,8 +199,7 @@ def _nce_row_kernel(lse_ptr, pos_t_ptr, pos_m_ptr, t_ptr, mt_ptr, w_ptr, loss_pt
 
 
 def _cfg(block_s, block_d, warps, stages):
-    return triton.Config({"BLOCK_S": block_s, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages,
-                         maxnreg=MAXNREG)
+    return block_config(warps, stages, BLOCK_S=block_s, BLOCK_D=block_d)
 
 
 # Launchable configs of the forward tile kernel per dot scheme (``tiles.dot_acc``), each checked by
