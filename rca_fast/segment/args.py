@@ -9,6 +9,7 @@ import torch
 
 from ..model.segmentation import SEG_BACKBONES
 from ..utils.cams import parse_scales
+from ..utils.program import check_at_least
 
 # DeepLab-v2 on VOC as the WSSS papers train it: batch 10 crops of 321, SGD lr 2.5e-4 (x10 on
 # the ASPP), momentum 0.9, wd 5e-4, poly 0.9 over 20k iterations, scales 0.5-1.5.  The synthetic
@@ -110,12 +111,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if len(args.scale_range) != 2 or args.scale_range[0] > args.scale_range[1]:
         raise ValueError(f"--scale-range must be 'low,high' with low <= high, got {args.scale_range}")
     args.scales = _floats(args.scales, "--scales")
-    for flag, value, low in (("--num-classes", args.num_classes, 1), ("--steps", args.steps, 1),
-                             ("--batch-size", args.batch_size, 1), ("--crop-size", args.crop_size, 8),
-                             ("--num-workers", args.num_workers, 0), ("--save-every", args.save_every, 0),
-                             ("--keep", args.keep, 1), ("--threads", args.threads, 0)):
-        if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    check_at_least((("--num-classes", args.num_classes, 1), ("--steps", args.steps, 1),
+                    ("--batch-size", args.batch_size, 1), ("--crop-size", args.crop_size, 8),
+                    ("--num-workers", args.num_workers, 0), ("--save-every", args.save_every, 0),
+                    ("--keep", args.keep, 1), ("--threads", args.threads, 0)))
     if args.max_steps is not None and args.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     if not args.lr > 0:

@@ -22,3 +22,10 @@ def run_program(main: Callable[[], object], exits: Sequence[Tuple[Kinds, int, st
                 print(f"{word}: {exc}", file=sys.stderr)
                 sys.exit(code)
         raise
+
+
+def check_at_least(limits: Sequence[Tuple[str, Union[int, float], Union[int, float]]]) -> None:
+    """ValueError naming the first flag below its lower bound: ``limits`` holds (flag, value, low)."""
+    for flag, value, low in limits:
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")

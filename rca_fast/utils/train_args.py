@@ -17,6 +17,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .program import check_at_least
+
 DATASET_DEFAULTS = {
     "synthetic": dict(num_classes=6, backbone="tiny", input_size=96, crop_size=96, batch_size=16, lr=0.01,
                       epoch=15, decay_points="12", bank_slots=64, num_workers=0,
@@ -252,18 +254,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.from_scratch:
         args.pretrained = None
     args.bank_dtype = BANK_DTYPES[args.bank_dtype]
-    for flag, value, low in (("--num_classes", args.num_classes, 1), ("--batch_size", args.batch_size, 1),
-                             ("--epoch", args.epoch, 1), ("--input_size", args.input_size, 16),
-                             ("--crop_size", args.crop_size, 16), ("--bank-slots", args.bank_slots, 1),
-                             ("--num_workers", args.num_workers, 0), ("--prototypes", args.prototypes, 1)):
-        if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    check_at_least((("--num_classes", args.num_classes, 1), ("--batch_size", args.batch_size, 1),
+                    ("--epoch", args.epoch, 1), ("--input_size", args.input_size, 16),
+                    ("--crop_size", args.crop_size, 16), ("--bank-slots", args.bank_slots, 1),
+                    ("--num_workers", args.num_workers, 0), ("--prototypes", args.prototypes, 1)))
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
-    for flag, value, low in (("--save-every", args.save_every, 0), ("--keep", args.keep, 1),
-                             ("--check-bank-every", args.check_bank_every, 0)):
-        if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    check_at_least((("--save-every", args.save_every, 0), ("--keep", args.keep, 1),
+                    ("--check-bank-every", args.check_bank_every, 0)))
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.prototypes > args.bank_slots:
