@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import rca_fast.train as train_mod
+import rca_fast.train.step as train_step_mod
 from rca_fast import infer as infer_mod
 from rca_fast.train import Trainer, main
 from rca_fast.utils import checkpoint as ckpt
@@ -329,7 +330,7 @@ def test_sigint_handler_path_in_process(tmp_path):
 
 
 def test_non_finite_loss_stops_naming_step_and_terms_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    real = train_mod.rca_loss
+    real = train_step_mod.rca_loss
     calls = {"n": 0}
 
     def nan_at_third_step(out, labels, epoch, **kw):
@@ -340,7 +341,7 @@ def test_non_finite_loss_stops_naming_step_and_terms_and_keeps_the_last_checkpoi
             loss, parts = real(out, labels, epoch, **kw)
         return loss, parts
 
-    monkeypatch.setattr(train_mod, "rca_loss", nan_at_third_step)
+    monkeypatch.setattr(train_step_mod, "rca_loss", nan_at_third_step)  # the step's loss
     with pytest.raises(FloatingPointError, match=r"step 3\b.*'contrast': nan") as info:
         main(SYN + ["--epoch", "3", "--save-every", "1", "--contrast-start-epoch", "1", "--out",
                     str(tmp_path)])
