@@ -150,7 +150,9 @@ def _cfg(block_s, block_d, warps, stages):
 # The FIRST entry is the fixed rule's choice; RCA_FAST_AUTOTUNE=1 times them all.
 BWD_CONFIGS = {
     # split: (32, 64, 8, 2) needed 241 registers at BLOCK_N 64 (fp32 query), (32, 32, 8, 2) 204-214
-    "split": [_cfg(32, 32, 8, 2), _cfg(32, 64, 8, 2)],
+    # under Triton 3.8 but 246-255 under 3.6 with mixup at BLOCK_N 16-32 (capped at 240 it spilled
+    # 8-24 B); 16 slots x 32 columns: 163-195 under 3.6 at those shapes, so it is the fixed choice.
+    "split": [_cfg(16, 32, 8, 2), _cfg(32, 32, 8, 2), _cfg(32, 64, 8, 2)],
     "f32x3": [_cfg(16, 32, 8, 2), _cfg(32, 16, 8, 2)],
 }
 BWD_BLOCK_DV = {"split": 128, "f32x3": 64}
