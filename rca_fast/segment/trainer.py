@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
-import threading
 import time
 from typing import Dict, Optional
 
@@ -36,6 +34,7 @@ from ..utils.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from ..utils.program import stop_signals
 
 
 def poly_factor(step: int, total: int, power: float = 0.9) -> float:
@@ -220,15 +219,8 @@ class SegTrainer:
         """Train to ``min(--max-steps, --steps)``; returns {steps, train_seconds, last_loss}.
 
         SIGINT / SIGTERM: checkpoint after the current step, then :class:`SegmentationInterrupted`."""
-        signals = (
-            (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-        )
-        previous = {sig: signal.signal(sig, self.request_stop) for sig in signals}
-        try:
+        with stop_signals(self.request_stop):
             return self._fit()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _fit(self) -> Dict:
         args = self.args

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from typing import Dict
 
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from .. import distributed
 from ..data.collate import collate
 from ..utils.checkpoint import capture_rng_state
+from ..utils.program import stop_signals
 from .step import LOSS_KEYS
 
 
@@ -134,15 +134,10 @@ class EpochLoop:
     def fit(self) -> Dict:
         """Train (Ctrl-C / SIGTERM: checkpoint and :class:`TrainingInterrupted`), evaluate on rank 0,
         write metrics."""
-        # SIGTERM too: schedulers (SLURM) and torchrun's shutdown send it before killing a job
-        signals = (signal.SIGINT,
-                   signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-        previous = {sig: signal.signal(sig, self.request_stop) for sig in signals}
         try:
-            return self._fit()
+            with stop_signals(self.request_stop):
+                return self._fit()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             distributed.cleanup(self._created_group)
 
     def _fit(self) -> Dict:

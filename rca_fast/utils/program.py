@@ -1,7 +1,10 @@
 """The one ``__main__`` wrapper of the programs: a known failure ends in one line, not a traceback."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 from typing import Callable, Sequence, Tuple, Type, Union
 
 Kinds = Union[Type[BaseException], Tuple[Type[BaseException], ...]]
@@ -29,3 +32,17 @@ def check_at_least(limits: Sequence[Tuple[str, Union[int, float], Union[int, flo
     for flag, value, low in limits:
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+
+
+@contextlib.contextmanager
+def stop_signals(handler: Callable[[int, object], None]):
+    """Inside: SIGINT and SIGTERM call ``handler`` (a trainer's "checkpoint after this step"); the
+    previous handlers come back on exit.  SIGTERM too: schedulers (SLURM) and torchrun's shutdown
+    send it before killing a job.  Only the main thread may set handlers: elsewhere, nothing."""
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
