@@ -11,8 +11,8 @@ the launch's own arguments (so the integer specialisation -- divisible by 16, eq
 shape-derived constexprs are the launch's).  ``python -m rca_fast.profile compile`` compiles them for
 sm_90a (``offline_compile.compile_job``).  A change to a launcher changes its plans, hence the jobs.
 
-Precision modes (the dtypes a launch can get; fp64 never reaches a compiled kernel: the providers
-send it to rca_fast.ref on a GPU):
+Precision modes (the dtypes a launch can get; fp64 never reaches a compiled kernel: the dispatcher's
+float64 rule sends it to rca_fast.ref on a GPU):
   ``fp32``, ``bf16``, ``fp16``: every float tensor of that dtype;
   ``mix``: the NCE's other (query, bank) pairs the MemoryBank accepts (fp32 / bf16 / fp16 banks),
            and MAP fp16 features with fp32 CAM probabilities (fp16 autocast);

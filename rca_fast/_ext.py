@@ -3,8 +3,10 @@
 ``rca_fast.ops._dispatch`` imports ``ema_update_`` and ``kmeans`` from here.  Importing this module
 raises ImportError when ``rca_fast._C`` was not built; the dispatcher then falls back to the
 plain-torch reference with one warning.  The extension has a CPU twin (C++, OpenMP) and CUDA code;
-the tensors' device picks one.  Both ops are registered with ``torch.library`` (schema in
-``csrc/ops.cpp``, fake implementations below), so ``torch.compile`` traces through them:
+the tensors' device picks one.  ``supports`` says what this build can run (CUDA tensors only when
+it was built with its CUDA sources); the wrappers below never fall back by themselves.  Both ops
+are registered with ``torch.library`` (schema in ``csrc/ops.cpp``, fake implementations below), so
+``torch.compile`` traces through them:
 
 * ``torch.ops.rca_fast.ema_update_(bank, ptr, emb, target, gamma) -> ()`` mutates bank and ptr
   (and bumps their autograd version counters, as an in-place torch op does);
@@ -15,7 +17,7 @@ Arguments arrive validated by ``rca_fast.ops``; the signatures are those of ``rc
 """
 from __future__ import annotations
 
-import warnings
+from typing import Optional, Sequence
 
 import torch
 
@@ -26,7 +28,18 @@ except ImportError as exc:  # not built: RCA_FAST_SKIP_EXT=1, no compiler, or an
                       "`python setup.py build_ext --inplace`") from exc
 
 WITH_CUDA: bool = bool(getattr(_C, "with_cuda", False))
-_warned_no_cuda = False
+OPS = ("ema_update_", "kmeans")
+
+
+def supports(op: str, device: torch.device, dtypes: Sequence[torch.dtype]) -> Optional[str]:
+    """What the ``cuda`` backend of ``rca_fast.ops`` can run: None, or why not.  Both ops compute
+    in float32 (float64 for float64 inputs) in any float dtype, on CPU tensors (the C++ twin) and
+    on CUDA tensors when this build has its CUDA sources."""
+    if op not in OPS:
+        return f"the extension does not compute {op}"
+    if device.type == "cuda" and not WITH_CUDA:
+        return "rca_fast._C was built without its CUDA sources"
+    return None
 
 
 def _register_fakes() -> None:
@@ -74,25 +87,10 @@ def _ema_update_inplace_or_view(keyset, bank, ptr, emb, target, gamma):
 _LIB.impl("ema_update_", _ema_update_inplace_or_view, "ADInplaceOrView", with_keyset=True)
 
 
-def _cuda_unavailable(tensor: torch.Tensor) -> bool:
-    """True (with a one-time warning) for CUDA tensors when the extension has no CUDA code."""
-    global _warned_no_cuda
-    if tensor.device.type != "cuda" or WITH_CUDA:
-        return False
-    if not _warned_no_cuda:
-        _warned_no_cuda = True
-        warnings.warn("rca_fast._C was built without its CUDA sources; CUDA tensors use the "
-                      "plain-torch reference for ema_update_ and kmeans", RuntimeWarning, stacklevel=3)
-    return True
-
-
 def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target: torch.Tensor, *,
                 gamma: float = 0.99) -> torch.Tensor:
     """In-place EMA of ``emb`` (N, D) rows into ``bank`` (L, S, D) at the ring pointers ``ptr`` (L,)
     of their classes ``target`` (N,), one launch; bit-for-bit the sequential loop.  Returns ``bank``."""
-    if _cuda_unavailable(bank):
-        from .ref.ema import ema_update_ as reference
-        return reference(bank, ptr, emb, target, gamma=gamma)
     torch.ops.rca_fast.ema_update_(bank, ptr, emb, target, float(gamma))
     return bank
 
@@ -101,9 +99,6 @@ def kmeans(points: torch.Tensor, k: int, *, iters: int = 300, tol: float = 1e-4,
            init: str = "k-means++", n_init: int = 1):
     """Batched k-means of ``points`` (L, S, D) or (S, D): centroids (L, K, D) in the points' dtype,
     labels (L, S) int64, inertia (L,) (float64 for float64 points, else float32)."""
-    if _cuda_unavailable(points):
-        from .ref.kmeans import kmeans as reference
-        return reference(points, k, iters=iters, tol=tol, seed=seed, init=init, n_init=n_init)
     squeeze = points.dim() == 2
     batched = points.unsqueeze(0) if squeeze else points
     centroids, labels, inertia = torch.ops.rca_fast.kmeans(

@@ -40,8 +40,10 @@ def fake_cuda_kmeans(fresh_dispatch):
 
     module = types.ModuleType(FAKE_MODULE)
     module.kmeans = kmeans
+    module.supports = lambda op, device, dtypes: None   # the stand-in backend runs everything
     fresh_dispatch.setitem(sys.modules, FAKE_MODULE, module)
     fresh_dispatch.setitem(_dispatch.PROVIDERS["kmeans"], "cuda", f"{FAKE_MODULE}:kmeans")
+    fresh_dispatch.setitem(_dispatch.CAPABILITIES, "cuda", f"{FAKE_MODULE}:supports")
     return calls
 
 

@@ -148,11 +148,16 @@ def broken_ema_update_(*args, **kwargs):
     raise RuntimeError("boom: a broken backend")
 
 
+def supports_everything(op, device, dtypes):
+    return None
+
+
 def test_ops_broken_backend_is_reported_and_others_still_run(tmp_path, monkeypatch, capsys):
     from rca_fast.ops import _dispatch
     monkeypatch.setitem(_dispatch.PROVIDERS, "ema_update_",
                         {"torch": _dispatch.PROVIDERS["ema_update_"]["torch"],
                          "cuda": f"{__name__}:broken_ema_update_"})
+    monkeypatch.setitem(_dispatch.CAPABILITIES, "cuda", f"{__name__}:supports_everything")
     doc = main(["ops", "--shapes", "2,3,5,12,3x5,2,1", "--ops", "ema_update_", "--backends", "torch,cuda",
                 "--out", str(tmp_path), *QUICK])
     assert [r["backend"] for r in doc["rows"]] == ["torch"]

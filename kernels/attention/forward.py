@@ -28,9 +28,10 @@ traces through) -> the provider ``prototype_attention`` named in ``rca_fast.ops.
 Numerics: fp16/bf16 inputs are multiplied on tensor cores with fp32 accumulation and an fp32
 softmax; fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set (the
 same switch that lets ``torch.matmul``, hence the reference, use TF32); fp64 inputs compute in fp64
-in the interpreter and go to ``rca_fast.ref`` on a GPU.  exp / log / the final division are the
-full-accuracy ones of ``precise_math.py``.  Configs: one per shape and dtype by a fixed rule
-(``fwd_launch_blocks``; ``launch_rule.py``), autotuned only under RCA_FAST_AUTOTUNE=1.
+(the dispatcher sends them here only in the interpreter; on a GPU they go to ``rca_fast.ref``).
+exp / log / the final division are the full-accuracy ones of ``precise_math.py``.  Configs: one per
+shape and dtype by a fixed rule (``fwd_launch_blocks``; ``launch_rule.py``), autotuned only under
+RCA_FAST_AUTOTUNE=1.
 """
 from typing import Optional, Tuple
 
@@ -238,13 +239,10 @@ def prototype_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """Provider of ``rca_fast.ops.prototype_attention`` (arguments already validated).
 
     query (B, N, D), key (P, D), value (P, Dv) -> (B, N, Dv) in the inputs' dtype; differentiable
-    w.r.t. all three.  ``scale`` defaults to 1/sqrt(D)."""
+    w.r.t. all three.  ``scale`` defaults to 1/sqrt(D).  Runs the kernels in every dtype it is
+    handed, float64 included (``rca_fast.ops`` sends float64 here only in the interpreter: fp64
+    tiles spill or exceed shared memory on sm_90)."""
     B, N, D = query.shape
     scale = D ** -0.5 if scale is None else float(scale)
-    if query.dtype == torch.float64 and not interpreting(query.device):
-        # fp64 tiles spill or exceed shared memory on sm_90 (and fp64 is no training dtype): the
-        # reference.  The interpreter keeps running the kernels in fp64: the CPU tests' exact oracle.
-        from rca_fast.ref.attention import prototype_attention as reference
-        return reference(query, key, value, scale=scale)
     out, _ = attention_fwd(query.reshape(B * N, D), key, value, scale)
     return out.view(B, N, value.shape[1])

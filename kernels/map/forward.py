@@ -268,14 +268,11 @@ def masked_average_pool(features: torch.Tensor, cams: torch.Tensor,
         labels: (B, L) bool (0/1 integers accepted) or None for "every class present".
     Returns:
         emb (B, L, D) in ``features.dtype`` (0 for absent classes and empty masks) and
-        count (B, L) int64.  Differentiable w.r.t. ``features`` only.
+        count (B, L) int64.  Differentiable w.r.t. ``features`` only.  Runs the kernels in every
+        dtype it is handed, float64 included (``rca_fast.ops`` sends float64 here only in the
+        interpreter: fp64 accumulators spill on sm_90).
     """
     if labels is not None and labels.dtype != torch.bool:
         labels = labels != 0
-    if features.dtype == torch.float64 and features.device.type == "cuda":
-        # fp64 accumulators spill on sm_90 and fp64 is no training dtype: the reference.  The
-        # interpreter keeps running the kernels in fp64 (the CPU tests' exact oracle).
-        from rca_fast.ref.map import masked_average_pool as reference
-        return reference(features, cams, labels)
     emb, count, _ = map_fwd(features, cams.detach(), labels)
     return emb, count

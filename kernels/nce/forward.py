@@ -24,8 +24,8 @@ floats, a few MB at N = 512, L = S = 1000.
 
 Layering: kernels -> launchers (``forward``; ``backward.backward``) -> torch.library custom ops
 ``rca_fast::nce_fwd`` / ``rca_fast::nce_bwd`` (fake implementations, autograd) -> the provider
-``bank_nce_loss`` (signature of ``rca_fast.ref.nce.bank_nce_loss``).  float64 inputs are routed to
-the reference (Triton's fp64 dot is not used here).
+``bank_nce_loss`` (signature of ``rca_fast.ref.nce.bank_nce_loss``).  No float64 path (Triton's
+fp64 dot is not used here): ``rca_fast.ops`` routes float64 inputs to the reference.
 """
 from typing import Optional, Tuple, Union
 
@@ -372,12 +372,9 @@ def bank_nce_loss(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
 
     query (N, D) fp32/bf16/fp16 (differentiable), bank (L, S, D) fp32/bf16/fp16 (a constant),
     target / mix_target (N,) int, mix_weight float or () / (N,) tensor -> float32 loss, scalar
-    ("mean") or (N,) ("none").  float64 inputs go to ``rca_fast.ref`` (float64 result).
+    ("mean") or (N,) ("none").  No float64 path: ``rca_fast.kernels.supports`` says so, and the
+    dispatcher sends float64 inputs to ``rca_fast.ref``.
     """
-    if query.dtype == torch.float64 or bank.dtype == torch.float64:
-        from rca_fast.ref.nce import bank_nce_loss as reference
-        return reference(query, bank, target, temperature=temperature, mix_target=mix_target,
-                         mix_weight=mix_weight, reduction=reduction)
     N = query.shape[0]
     weights = None
     if mix_target is not None:

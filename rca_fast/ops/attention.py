@@ -34,4 +34,4 @@ def prototype_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         check_positive(OP, "scale", scale)
         if not math.isfinite(scale):  # inf * a zero score is NaN, and softmax of several infs is NaN
             raise ValueError(f"{OP}: scale must be finite, got {scale}")
-    return _dispatch.implementation(OP, dev)(query, key, value, scale=scale)
+    return _dispatch.implementation(OP, dev, (query.dtype,))(query, key, value, scale=scale)

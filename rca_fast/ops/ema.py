@@ -55,4 +55,5 @@ def ema_update_(bank: torch.Tensor, ptr: torch.Tensor, emb: torch.Tensor, target
         # rows that are views of the bank itself (e.g. bank[c, :2]): every backend reads them as
         # they were before the call (the one-launch kernels would race with their own writes)
         emb = emb.clone()
-    return _dispatch.implementation(OP, dev)(bank, ptr, emb, target, gamma=float(gamma))
+    run = _dispatch.implementation(OP, dev, (bank.dtype, emb.dtype))
+    return run(bank, ptr, emb, target, gamma=float(gamma))

@@ -48,5 +48,5 @@ def kmeans(points: torch.Tensor, k: int, *, iters: int = 300, tol: float = 1e-4,
     # would carry a grad_fn that fails on backward (the reference detaches anyway).
     if points.requires_grad:
         points = points.detach()
-    return _dispatch.implementation(OP, points.device)(
+    return _dispatch.implementation(OP, points.device, (points.dtype,))(
         points, k, iters=iters, tol=float(tol), seed=int(seed), init=init, n_init=n_init)

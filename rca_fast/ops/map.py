@@ -41,4 +41,4 @@ def masked_average_pool(features: torch.Tensor, cams: torch.Tensor,
         if labels.dtype != torch.bool:
             check_true(OP, "labels", (labels == 0) | (labels == 1), "must be bool or 0/1, got other values")
             labels = labels != 0
-    return _dispatch.implementation(OP, dev)(features, cams, labels)
+    return _dispatch.implementation(OP, dev, (features.dtype,))(features, cams, labels)

@@ -78,6 +78,6 @@ def bank_nce_loss(query: torch.Tensor, bank: torch.Tensor, target: torch.Tensor,
                                  f"[{float(mix_weight)}, {float(mix_weight)}]")
         else:
             raise TypeError(f"{OP}: mix_weight must be a float or a tensor, got {type(mix_weight).__name__}")
-    return _dispatch.implementation(OP, dev)(
+    return _dispatch.implementation(OP, dev, (query.dtype, bank.dtype))(
         query, bank, target, temperature=float(temperature), mix_target=mix_target,
         mix_weight=mix_weight, reduction=reduction)

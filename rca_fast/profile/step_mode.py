@@ -81,8 +81,8 @@ class Labels:
         self._hook(model, f"{PREFIX}model")
         original = self._original_impl
 
-        def implementation(op, device):
-            fn = original(op, device)
+        def implementation(op, device, dtypes=None):
+            fn = original(op, device, dtypes)
 
             def labelled(*args, **kwargs):
                 with record_function(f"{PREFIX}op::{op}"):
