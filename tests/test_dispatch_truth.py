@@ -40,9 +40,12 @@ def _extension_backend(device_type):
 def expected_backend(op, situation, dtype):
     """The routing table of the dispatcher's docstring: extension first, then Triton (on CUDA, or
     on the CPU when forced, in the interpreter), then the reference; float64 reaches a Triton kernel
-    only in the interpreter, and never the NCE kernel (it has no float64 path)."""
-    if op not in TRITON_OPS:
-        return _extension_backend("cpu" if situation.startswith("cpu") else "cuda")
+    only in the interpreter, and never the NCE kernel (it has no float64 path); a forced backend the
+    op lacks gives the reference."""
+    if op not in TRITON_OPS:   # forcing Triton, which they lack, gives the reference
+        if situation == "cpu-forced-triton":
+            return "torch"
+        return _extension_backend("cpu" if situation == "cpu" else "cuda")
     if situation == "cpu":
         return "torch"
     if dtype == torch.float64 and (op == "bank_nce_loss" or situation == "cuda"):
