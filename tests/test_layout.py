@@ -114,12 +114,16 @@ def test_kernels_are_grouped_by_op():
 
 
 @pytest.mark.parametrize("folder,package,forbidden", [
+    # ... nor another provider: a kernel that called rca_fast.ref would be a fallback behind the
+    # dispatcher's back (backend_for would name triton for a call the reference runs)
     (KERNELS, "rca_fast.kernels", ("rca_fast.model", "rca_fast.train", "rca_fast.infer", "rca_fast.evaluate",
-                                   "rca_fast.data", "rca_fast.ops", "rca_fast.profile")),
+                                   "rca_fast.data", "rca_fast.ops", "rca_fast.profile", "rca_fast.ref",
+                                   "rca_fast._ext")),
     (os.path.join(ROOT, "ref"), "rca_fast.ref", ("rca_fast.ops", "rca_fast.kernels")),
 ])
 def test_lower_layers_import_nothing_above_them(folder, package, forbidden):
-    """kernels import nothing of the ops, model or programs; ref (the oracle) nothing of ops or kernels."""
+    """kernels import nothing of the ops, model, programs or other providers; ref (the oracle)
+    nothing of ops or kernels."""
     files = _package_files(folder, package)
     assert files
     for module, (path, pkg) in files.items():
@@ -226,9 +230,10 @@ def test_no_program_imports_another_program():
     ("rca_fast.ref", ("rca_fast.ops", "rca_fast.kernels", "rca_fast._ext", "rca_fast.model",
                       "rca_fast.train", "rca_fast.data", "rca_fast.utils", "rca_fast.profile")
      + PROGS),
-    # the providers: nothing of ops, model or programs (the extension's wrapper as the kernels)
+    # the providers: nothing of ops, model or programs (the extension's wrapper as the kernels), nor
+    # another provider (no fallback behind the dispatcher's back)
     ("rca_fast._ext", ("rca_fast.ops", "rca_fast.model", "rca_fast.train", "rca_fast.data",
-                       "rca_fast.utils", "rca_fast.profile") + PROGS),
+                       "rca_fast.utils", "rca_fast.profile", "rca_fast.ref", "rca_fast.kernels") + PROGS),
 ])
 def test_layer_imports_nothing_above_it(layer, forbidden):
     files = package_modules()
