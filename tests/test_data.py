@@ -6,17 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rca_fast.data import (
-    DataFileError,
-    SyntheticShapes,
-    TrainTransform,
-    VOCClassification,
-    VOCSegmentation,
-    load_cls_labels,
-    normalize_image,
-    read_class_list,
-    write_class_list,
-)
+from rca_fast.data import (DataFileError, SyntheticShapes, TrainTransform, VOCClassification, VOCSegmentation,
+                           load_cls_labels, normalize_image, read_class_list, write_class_list)
 from rca_fast.data.synthetic import class_names, class_spec, export_voc
 from rca_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rca_fast.utils.palette import save_label_png, voc_palette

@@ -20,30 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import (
-    MAXNREG,
-    LaunchPlan,
-    as_config,
-    block_config,
-    dtype_label,
-    interpreting,
-    launch,
-    sm_count,
-)
+from ..launch_rule import (MAXNREG, LaunchPlan, as_config, block_config, dtype_label, interpreting, launch,
+                           sm_count)
 from ..precise_math import exp_precise
-from .tiles import (
-    TUNE_KEY,
-    acc_dtype,
-    cast_rne,
-    clamp_configs,
-    contract_rows,
-    dot_acc,
-    fixed_launch,
-    kernel_meta,
-    precision_family,
-    scale_scores,
-    split_scale,
-)
+from .tiles import (TUNE_KEY, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc, fixed_launch,
+                    kernel_meta, precision_family, scale_scores, split_scale)
 
 INTERPRET_BWD_BLOCKS = dict(
     scores=dict(BLOCK_M=16, BLOCK_P=16, BLOCK_D=16, BLOCK_DV=16),

@@ -42,19 +42,8 @@ import triton.language as tl
 from ..launch_rule import LaunchPlan, as_config, block_config, dtype_label, interpreting, launch
 from ..precise_math import div_precise, exp_precise, log_precise
 from .backward import attention_backward
-from .tiles import (
-    TUNE_KEY,
-    acc_dtype,
-    cast_rne,
-    clamp_configs,
-    contract_rows,
-    dot_acc,
-    fixed_launch,
-    kernel_meta,
-    precision_family,
-    scale_scores,
-    split_scale,
-)
+from .tiles import (TUNE_KEY, acc_dtype, cast_rne, clamp_configs, contract_rows, dot_acc, fixed_launch,
+                    kernel_meta, precision_family, scale_scores, split_scale)
 
 # Fixed small blocks for the interpreter: several D chunks, Dv tiles and P blocks already at the
 # test shapes (D=60, P=37), so every masking and looping path runs on the CPU.

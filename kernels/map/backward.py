@@ -10,16 +10,8 @@ import triton.language as tl
 
 from ..launch_rule import MAXNREG, LaunchPlan, dtype_label, interpreting, launch
 from ..precise_math import div_precise
-from .tiles import (
-    TUNE_KEY,
-    check_int32_extent,
-    pow2,
-    present_arg,
-    present_classes,
-    slot_classes,
-    slots_per_pass,
-    walkable,
-)
+from .tiles import (TUNE_KEY, check_int32_extent, pow2, present_arg, present_classes, slot_classes,
+                    slots_per_pass, walkable)
 
 
 @triton.jit(do_not_specialize=["L", "D", "HW"])

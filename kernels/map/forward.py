@@ -34,16 +34,8 @@ import triton.language as tl
 from ..launch_rule import FIXED_RULE_MAX_REGISTERS, MAXNREG, LaunchPlan, dtype_label, interpreting, launch
 from ..precise_math import div_precise
 from .backward import _grad_features_like, _launch_bwd
-from .tiles import (
-    TUNE_KEY,
-    check_int32_extent,
-    pow2,
-    present_arg,
-    present_classes,
-    slot_classes,
-    slots_per_pass,
-    walkable,
-)
+from .tiles import (TUNE_KEY, check_int32_extent, pow2, present_arg, present_classes, slot_classes,
+                    slots_per_pass, walkable)
 
 __all__ = ["masked_average_pool"]
 
@@ -152,12 +144,13 @@ def _fwd_configs(slots: int, fp64: bool) -> list:
         # 8 slots with a 64-float accumulator a thread used 248 registers (sm_90a, Triton 3.8): over the
         # 240 of the headroom rule (launch_rule.FIXED_RULE_MAX_REGISTERS), so 8 slots take 32 a thread
         if per_thread <= (32 if slots >= 8 else 64) and slots * unroll <= 16:
-            # capped at the headroom rule's 240: with labels, Triton 3.6's ptxas took all 255
-            # registers at the tiny backbone's shape (D 64, 28x28) capped at 224 it used 224
-            # and spills nothing (the compile check proves every row spill-free under the cap)
+            # the fixed choice (first) capped at the headroom rule's 240: with labels, Triton 3.6's
+            # ptxas took all 255 registers at the tiny backbone's shape (D 64, 28x28), though capped
+            # at 224 it used 224 and spilled nothing.  The 4-wide candidates keep 255: capped at 240
+            # they spilled 24 B under 3.6 (16-bit features).
+            cap = FIXED_RULE_MAX_REGISTERS if not out else MAXNREG
             out.append(triton.Config(dict(BLOCK_D=block_d, BLOCK_HW=block_hw, UNROLL=unroll,
-                                          MEAN_HW=1024 * warps // slots), num_warps=warps,
-                                     maxnreg=FIXED_RULE_MAX_REGISTERS))
+                                          MEAN_HW=1024 * warps // slots), num_warps=warps, maxnreg=cap))
     return out or [triton.Config(dict(BLOCK_D=4, BLOCK_HW=128, UNROLL=1, MEAN_HW=128), num_warps=4,
                                  maxnreg=MAXNREG)]
 

@@ -27,29 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import (
-    LaunchPlan,
-    block_config,
-    dtype_label,
-    interpreting,
-    launch,
-    launch_options,
-    sm_count,
-)
+from ..launch_rule import (LaunchPlan, block_config, dtype_label, interpreting, launch, launch_options,
+                           sm_count)
 from ..precise_math import exp_precise
-from .tiles import (
-    DOT_F32X3,
-    NORM_EPS,
-    S_GRANULE_GPU,
-    S_GRANULE_INTERPRET,
-    cdiv,
-    check_int32_offsets,
-    dot_acc,
-    dot_mode,
-    row_inv_norms,
-    sim_tile,
-    split_units,
-)
+from .tiles import (DOT_F32X3, NORM_EPS, S_GRANULE_GPU, S_GRANULE_INTERPRET, cdiv, check_int32_offsets,
+                    dot_acc, dot_mode, row_inv_norms, sim_tile, split_units)
 
 
 @triton.jit

@@ -33,31 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_rule import (
-    MAXNREG,
-    LaunchPlan,
-    block_config,
-    dtype_label,
-    interpreting,
-    launch,
-    launch_options,
-    sm_count,
-)
+from ..launch_rule import (MAXNREG, LaunchPlan, block_config, dtype_label, interpreting, launch,
+                           launch_options, sm_count)
 from ..precise_math import exp_precise, log_precise
 from .backward import backward
-from .tiles import (
-    DOT_NATIVE,
-    DOT_SPLIT2_BF16,
-    DOT_SPLIT_BF16,
-    S_GRANULE_GPU,
-    S_GRANULE_INTERPRET,
-    cdiv,
-    check_int32_offsets,
-    dot_mode,
-    row_inv_norms,
-    sim_tile,
-    split_units,
-)
+from .tiles import (DOT_NATIVE, DOT_SPLIT2_BF16, DOT_SPLIT_BF16, S_GRANULE_GPU, S_GRANULE_INTERPRET, cdiv,
+                    check_int32_offsets, dot_mode, row_inv_norms, sim_tile, split_units)
 
 
 # ----------------------------------------------------------------------------------------- kernels

@@ -6,15 +6,8 @@ from typing import Optional, Union
 import torch
 
 from . import _dispatch
-from ._validate import (
-    FLOAT_DTYPES,
-    INT_DTYPES,
-    check_dim,
-    check_index,
-    check_positive,
-    check_range,
-    check_tensor,
-)
+from ._validate import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_index, check_positive, check_range,
+                        check_tensor)
 
 OP = "bank_nce_loss"
 

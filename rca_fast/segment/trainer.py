@@ -25,15 +25,8 @@ from tqdm import tqdm
 from .. import distributed
 from ..data.seg_pairs import SegmentationPairs
 from ..model.segmentation import build_segmentation_model, seg_param_groups, segmentation_loss
-from ..utils.checkpoint import (
-    LATEST_NAME,
-    capture_rng_state,
-    load_checkpoint,
-    load_model_state,
-    resolve_resume,
-    restore_rng_state,
-    save_checkpoint,
-)
+from ..utils.checkpoint import (LATEST_NAME, capture_rng_state, load_checkpoint, load_model_state,
+                                resolve_resume, restore_rng_state, save_checkpoint)
 from ..utils.program import stop_signals
 
 

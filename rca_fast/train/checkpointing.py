@@ -10,15 +10,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..utils.checkpoint import (
-    LATEST_NAME,
-    capture_rng_state,
-    load_checkpoint,
-    load_model_state,
-    resolve_resume,
-    restore_rng_state,
-    save_checkpoint,
-)
+from ..utils.checkpoint import (LATEST_NAME, capture_rng_state, load_checkpoint, load_model_state,
+                                resolve_resume, restore_rng_state, save_checkpoint)
 
 
 class Checkpointing:
