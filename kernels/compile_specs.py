@@ -175,10 +175,6 @@ def planted_spill_job() -> Job:
     kw = dict(HAS_MIX=True, MODE=dot_mode(F32, F32), INTERPRET=False, BLOCK_N=64, BLOCK_S=128, BLOCK_D=128,
               num_warps=4, num_stages=2)
     return Job(
-        "nce_lse",
-        "PLANTED-N64-S128-D128-w4-s2",
-        "fp32",
-        "rca_fast.kernels.nce.forward:_nce_lse_kernel",
-        args,
-        kw,
+        "nce_lse", "PLANTED-N64-S128-D128-w4-s2", "fp32", "rca_fast.kernels.nce.forward:_nce_lse_kernel",
+        args, kw,
     )

@@ -15,29 +15,9 @@ from rca_fast.train import main
 from rca_fast.utils.att_maps import AttentionMaps
 
 ODD = [
-    "--input_size",
-    "32",
-    "--crop_size",
-    "32",
-    "--batch_size",
-    "4",
-    "--bank-slots",
-    "16",
-    "--prototypes",
-    "2",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--num_classes",
-    "3",
-    "--num-images",
-    "11",
-    "--val-images",
-    "0",
-    "--epoch",
-    "2",
-    "--device",
-    "cpu",
+    "--input_size", "32", "--crop_size", "32", "--batch_size", "4", "--bank-slots", "16", "--prototypes",
+    "2", "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "11", "--val-images", "0",
+    "--epoch", "2", "--device", "cpu",
 ]  # 11 images, batch 4: a partial batch of 3
 
 

@@ -232,13 +232,7 @@ def test_mid_epoch_resume_skips_the_seen_batches_in_order(tmp_path):
         parse_args(
             TINY
             + [
-                "--num-images",
-                "13",
-                "--val-images",
-                "0",
-                "--input-pipeline",
-                "augmented",
-                "--out",
+                "--num-images", "13", "--val-images", "0", "--input-pipeline", "augmented", "--out",
                 str(tmp_path / "a"),
             ]
         )

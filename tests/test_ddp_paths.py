@@ -30,33 +30,9 @@ from test_att_dir import public_rule
 N, L, E, FH, FW = 6, 3, 3, 5, 6          # images, classes, epochs, feature grid of a 40 x 48 input
 NAMES = [f"im{i}" for i in range(N)]
 TRAIN = [
-    "--input_size",
-    "32",
-    "--crop_size",
-    "32",
-    "--batch_size",
-    "2",
-    "--bank-slots",
-    "16",
-    "--prototypes",
-    "2",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--num_classes",
-    "3",
-    "--num-images",
-    "8",
-    "--val-images",
-    "0",
-    "--device",
-    "cpu",
-    "--epoch",
-    "2",
-    "--contrast-start-epoch",
-    "2",
-    "--score-threshold",
-    "0",
+    "--input_size", "32", "--crop_size", "32", "--batch_size", "2", "--bank-slots", "16", "--prototypes",
+    "2", "--no-progress", "--threads", "1", "--num_classes", "3", "--num-images", "8", "--val-images", "0",
+    "--device", "cpu", "--epoch", "2", "--contrast-start-epoch", "2", "--score-threshold", "0",
 ]
 
 

@@ -43,13 +43,7 @@ def seg_argv(root, out, *extra):
         f"{root}/train_cls.txt",
         "--out",
         str(out),
-        "--crop-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--no-progress",
-        "--threads",
-        "1",
+        "--crop-size", "32", "--batch-size", "4", "--no-progress", "--threads", "1",
         *extra,
     ]
 
@@ -289,11 +283,7 @@ def test_deeplabv2_is_a_stride_8_resnet101_with_torchvision_names(tmp_path):
 def test_segment_imports_no_other_program():
     """DESIGN §4: no program imports another program (train, infer, evaluate, pseudo, pretrain, profile)."""
     programs = (
-        "rca_fast.train",
-        "rca_fast.infer",
-        "rca_fast.evaluate",
-        "rca_fast.pseudo",
-        "rca_fast.pretrain",
+        "rca_fast.train", "rca_fast.infer", "rca_fast.evaluate", "rca_fast.pseudo", "rca_fast.pretrain",
         "rca_fast.profile",
     )
     for path in glob.glob(os.path.join(ROOT, "rca_fast", "segment", "*.py")):
